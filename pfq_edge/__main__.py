@@ -1,0 +1,3 @@
+from pfq_edge.cli import main
+
+main()

@@ -1,0 +1,124 @@
+"""Command-line interface: ``pfq-edge compile``, ``pfq-edge targets``.
+
+Heavy libraries (torch, brevitas, FINN) are imported inside the commands so that ``--help`` stays fast.
+Errors the user can fix print one line on stderr and exit with the code of their kind (README, "Exit codes").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pfq_edge.errors import PfqError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="PfQ pruning, low-bit quantization and compilation of PyTorch CNNs for edge targets.")
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"pfq-edge: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _info(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@app.command("compile")
+def compile_cmd(
+    target: str = typer.Option(..., "--target", "-t", help="Profile name or alias (see `pfq-edge targets`) or a "
+                                                            "profile .toml file."),
+    model: str = typer.Option("fashion-dscnn", "--model", "-m", help="Zoo name or package.module:factory."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="State dict: .safetensors, or a torch file "
+                                                                    "loaded with weights_only=True."),
+    epochs: int = typer.Option(1, "--epochs", min=0, help="QAT fine-tuning epochs (0 skips fine-tuning)."),
+    train_samples: int = typer.Option(30000, "--train-samples", min=0,
+                                      help="Training images per fine-tuning epoch (0: all 60,000)."),
+    lr: float = typer.Option(3e-4, "--lr", min=0.0, help="Fine-tuning learning rate (Adam, cosine schedule)."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("pfq-out"), "--out", "-o", help="Output folder (written atomically)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Fashion-MNIST IDX folder "
+                                                                      "(default /usr/share/datasets/fashion-mnist)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report summary as JSON on stdout."),
+) -> None:
+    """Prune (PfQ), quantize, fine-tune, export and estimate a model for a target; write report and package."""
+    from pfq_edge.pipeline import CompileConfig, compile_model
+    from pfq_edge.targets.profile import load_profile
+
+    load_profile(target)  # fail fast on an unknown target, before any heavy import
+    cfg = CompileConfig(model=model, target=target, out=out, weights=weights, epochs=epochs,
+                        train_samples=train_samples or None, lr=lr, seed=seed, data_dir=data_dir, force=force)
+    report = compile_model(cfg, log=None if as_json else _info)
+    if as_json:
+        typer.echo(json.dumps({"out": str(out), "summary": report.summary}, indent=2))
+    else:
+        _print_summary(report, out)
+
+
+def _print_summary(report, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pfq_edge.report import summary_rows
+
+    table = Table(title=f"pfq-edge: {report.model} → {report.target}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for name, value in summary_rows(report.summary):
+        table.add_row(name, str(value))
+    console = Console()
+    console.print(table)
+    console.print(f"output: {out}/ (report.md, report.json, {report.stages['package']['archive']})")
+
+
+@app.command("targets")
+def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the built-in target profiles with their key facts."""
+    from pfq_edge.targets.profile import builtin_profiles
+
+    rows = [p.summary() for p in builtin_profiles().values()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="pfq-edge targets")
+    for col in ("name (aliases)", "bits", "part @ clock", "fps goal", "latency budget"):
+        table.add_column(col)
+    for r in rows:
+        name = r["name"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
+        table.add_row(name, f"{r['bits']}, {r['granularity']}", f"{r['part']} @ {r['clock_mhz']:g} MHz",
+                      str(r["target_fps"]), f"{r['latency_budget_ms']} ms")
+    Console().print(table)
+
+
+def main() -> None:
+    """Console entry point: runs the app, turning PfqError into one line on stderr and its exit code."""
+    try:
+        app(standalone_mode=False)
+    except PfqError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("pfq-edge: interrupted; no output was written", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
+    except Exception as exc:  # usage errors (typer's click) and anything unexpected
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            _fail(exc.format_message(), exc.exit_code)
+        if type(exc).__name__ == "Abort":
+            sys.exit(130)
+        if os.environ.get("PFQ_EDGE_DEBUG"):
+            raise
+        typer.echo(f"pfq-edge: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                   f" (set PFQ_EDGE_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)

@@ -1,0 +1,45 @@
+"""Errors that the CLI turns into one line on stderr and a documented exit code."""
+
+from __future__ import annotations
+
+
+class PfqError(Exception):
+    """Base class: a problem with the user's input or environment, reported without a traceback."""
+
+    exit_code = 2
+
+
+class DataError(PfqError):
+    """The dataset is missing or unreadable."""
+
+    exit_code = 3
+
+
+class ModelError(PfqError):
+    """The model or its weights cannot be loaded, traced or transformed."""
+
+    exit_code = 4
+
+
+class ProfileError(PfqError):
+    """A target profile is unknown or has invalid values."""
+
+    exit_code = 5
+
+
+class GoldenCheckError(PfqError):
+    """A stage's output disagrees with the previous stage beyond its tolerance."""
+
+    exit_code = 6
+
+
+class ToolchainError(PfqError):
+    """An external toolchain step (Brevitas export, qonnx, FINN) failed."""
+
+    exit_code = 7
+
+
+class OutputError(PfqError):
+    """The output location cannot be written (exists without --force, not writable)."""
+
+    exit_code = 8

@@ -1,0 +1,267 @@
+"""``pfq-edge compile``: one model object flowing through named stages, each appending to one Report.
+
+    load → prune (PfQ) → quantize → finetune → export (QONNX) → estimate (FINN + fit/budget) → package
+
+Each stage is ``stage(state) -> state``; ``state.report`` collects what each one measured. Output is built in a
+staging folder and moved into place only when every stage (and every golden check) has passed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pfq_edge.report import Report
+
+DEFAULT_EPOCHS = 1
+DEFAULT_TRAIN_SAMPLES = 30000   # images per fine-tuning epoch (the first N of the 60,000; all: --train-samples 0)
+DEFAULT_LR = 3e-4
+CALIBRATION_IMAGES = 1024
+GOLDEN_IMAGES = 256
+EXPORT_ATOL = 1e-3              # |Δlogit| between Brevitas and qonnx execution (seen: ~1e-6)
+PRUNE_EXACT_ATOL = 1e-4         # |Δlogit| when PfQ removal is exact (no constant meets zero padding)
+PRUNE_APPROX_AGREEMENT = 0.99   # top-1 agreement required when removal is approximate at the borders
+
+
+@dataclass
+class CompileConfig:
+    """Inputs of one compile. ``epochs`` 0 skips fine-tuning; ``train_samples`` None uses all 60,000 images."""
+
+    model: str
+    target: str
+    out: Path
+    weights: Path | None = None
+    epochs: int = DEFAULT_EPOCHS
+    train_samples: int | None = DEFAULT_TRAIN_SAMPLES
+    lr: float = DEFAULT_LR
+    seed: int = 0
+    data_dir: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class State:
+    """What flows between stages."""
+
+    cfg: CompileConfig
+    profile: object
+    report: Report
+    work: Path
+    data: dict = field(default_factory=dict)
+    float_model: object = None
+    pruned_model: object = None
+    qmodel: object = None
+    qonnx_path: Path | None = None
+    estimate: object = None
+    artefacts: dict = field(default_factory=dict)
+
+
+def stage_load(s: State) -> State:
+    """Load the float model and Fashion-MNIST; measure float top-1 on the 10,000 test images."""
+    from pfq_edge.data import load_split
+    from pfq_edge.train import accuracy
+    from pfq_edge.zoo import load_model
+
+    loaded = load_model(s.cfg.model, s.cfg.weights)
+    s.float_model = loaded.module
+    s.data = {"train": load_split("train", s.cfg.data_dir), "test": load_split("test", s.cfg.data_dir)}
+    shape = tuple(s.data["test"].images.shape[1:])
+    if shape != tuple(loaded.input_shape):
+        from pfq_edge.errors import ModelError
+
+        raise ModelError(f"model {s.cfg.model!r} expects input {loaded.input_shape}, the data is {shape}")
+    s.report.add("load", {"model": s.cfg.model, "weights": str(loaded.weights) if loaded.weights else None,
+                          "parameters": sum(p.numel() for p in s.float_model.parameters()),
+                          "train_images": len(s.data["train"]), "test_images": len(s.data["test"])})
+    s.report.add("accuracy", {"float": accuracy(s.float_model, s.data["test"])})
+    return s
+
+
+def stage_prune(s: State) -> State:
+    """PfQ: find constant filters, remove them with compensation, golden-check the pruned float model."""
+    from pfq_edge.analysis import folded_weight, inflating_mask, post_bn_std
+    from pfq_edge.golden import golden_check
+    from pfq_edge.graph import conv_chains, is_depthwise, trace
+    from pfq_edge.prune import apply_plan, plan_pfq
+    from pfq_edge.train import accuracy, predict
+
+    test = s.data["test"]
+    s.pruned_model = copy.deepcopy(s.float_model)
+    gm = trace(s.pruned_model, test.images[:1])
+    plan = plan_pfq(gm)
+    before = {}
+    for chain in conv_chains(gm):
+        conv = gm.get_submodule(chain.conv)
+        bn = gm.get_submodule(chain.bn) if chain.bn else None
+        before[chain.conv] = {
+            "layer": chain.conv, "kind": "depthwise" if is_depthwise(conv) else ("dense" if conv.groups == 1 else
+                                                                                 "grouped"),
+            "channels_before": conv.out_channels,
+            "constant_filters": int((post_bn_std(bn) <= plan.tol).sum()) if bn is not None else 0,
+            "range_inflating_filters": int(inflating_mask(bn, plan.tol).sum()) if bn is not None else 0,
+            "folded_max_abs_before": float(folded_weight(conv, bn).abs().max()),
+            "bn": chain.bn,
+        }
+    apply_plan(s.pruned_model, plan)
+    layers = []
+    for name, row in before.items():
+        conv = s.pruned_model.get_submodule(name)
+        bn = s.pruned_model.get_submodule(row["bn"]) if row["bn"] else None
+        layers.append({**row, "channels_after": conv.out_channels,
+                       "folded_max_abs_after": float(folded_weight(conv, bn).abs().max())})
+    exact = all(g.exact for g in plan.groups)
+    ref, out = predict(s.float_model, test.images).numpy(), predict(s.pruned_model, test.images).numpy()
+    golden = golden_check("prune (PfQ float vs original float)", ref, out,
+                          atol=PRUNE_EXACT_ATOL if exact else None,
+                          min_agreement=1.0 if exact else PRUNE_APPROX_AGREEMENT)
+    s.report.add("prune", {"tol": plan.tol, "filters_removed": plan.filters_removed, "exact": exact,
+                           "layers": layers, "groups": [g.__dict__ for g in plan.groups],
+                           "skipped": [k.__dict__ for k in plan.skipped], "warnings": plan.warnings,
+                           "golden": golden.as_dict()})
+    s.report.add("accuracy", {"pfq_float": accuracy(s.pruned_model, test)})
+    return s
+
+
+def stage_quantize(s: State) -> State:
+    """Fold BN, insert Brevitas quantizers at the profile's bit widths, calibrate, measure PTQ top-1."""
+    from pfq_edge.quantize import calibrate, quantize_model, weight_bits
+    from pfq_edge.train import accuracy
+
+    spec = s.profile.quant
+    s.qmodel = quantize_model(s.pruned_model, spec)
+    calibrate(s.qmodel, s.data["train"].images[:CALIBRATION_IMAGES])
+    size = weight_bits(s.qmodel)
+    s.report.add("quantize", {**spec.model_dump(), "calibration_images": CALIBRATION_IMAGES, **size})
+    s.report.add("accuracy", {"quantized_ptq": accuracy(s.qmodel, s.data["test"])})
+    return s
+
+
+def stage_finetune(s: State) -> State:
+    """Quantization-aware fine-tuning (Adam, cosine LR) for ``epochs`` passes over ``train_samples`` images."""
+    from pfq_edge.train import TrainConfig, accuracy, set_seed, train
+
+    cfg = s.cfg
+    if cfg.epochs == 0:
+        s.report.add("finetune", {"skipped": True, "epochs": 0})
+        return s
+    set_seed(cfg.seed)
+    tc = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=128, seed=cfg.seed, max_samples=cfg.train_samples)
+    losses = train(s.qmodel, s.data["train"], tc, description="QAT fine-tuning")
+    s.report.add("finetune", {"epochs": cfg.epochs, "lr": cfg.lr, "seed": cfg.seed, "optimizer": "Adam, cosine LR",
+                              "images_per_epoch": min(cfg.train_samples or len(s.data["train"]),
+                                                      len(s.data["train"])), "loss": losses})
+    s.report.add("accuracy", {"finetuned": accuracy(s.qmodel, s.data["test"])})
+    return s
+
+
+def stage_export(s: State) -> State:
+    """QONNX export (Brevitas + qonnx clean-up) and golden check of qonnx execution against Brevitas."""
+    from pfq_edge.export.qonnx import export_qonnx, run_qonnx
+    from pfq_edge.golden import golden_check
+    from pfq_edge.train import predict
+
+    images = s.data["test"].images[:GOLDEN_IMAGES]
+    s.qonnx_path = export_qonnx(s.qmodel, images[:1], s.work / "model.qonnx.onnx")
+    golden = golden_check("export (QONNX vs Brevitas)", predict(s.qmodel, images).numpy(),
+                          run_qonnx(s.qonnx_path, images.numpy()), atol=EXPORT_ATOL)
+    s.artefacts["model.qonnx.onnx"] = s.qonnx_path
+    s.report.add("export", {"format": "QONNX", "file": s.qonnx_path.name, "bytes": s.qonnx_path.stat().st_size,
+                            "golden": golden.as_dict()})
+    return s
+
+
+def stage_estimate(s: State) -> State:
+    """FINN estimate-only build for the profile's part/clock/folding goal, then fit and latency-budget verdicts."""
+    from pfq_edge.export.finn import finn_estimate
+    from pfq_edge.targets.fit import fpga_verdicts
+
+    build = s.work / ".finn_build"
+    s.estimate = finn_estimate(s.qonnx_path, s.profile.fpga, s.profile.quant.input_bit_width, build)
+    verdicts = fpga_verdicts(s.estimate, s.profile)
+    reports = s.work / "finn_reports"
+    shutil.copytree(s.estimate.report_dir, reports)
+    shutil.copy(build / "finn" / "build.log", reports / "build.log")
+    shutil.rmtree(build)
+    for f in sorted(reports.iterdir()):
+        s.artefacts[f"finn_reports/{f.name}"] = f
+    s.report.add("estimate", {**s.estimate.as_dict(), "report_dir": "finn_reports", "verdicts": verdicts})
+    return s
+
+
+def stage_package(s: State) -> State:
+    """report.json, report.md and the deployment archive (model, FINN reports, report, manifest with sha256)."""
+    from pfq_edge.export.package import build_manifest, write_archive
+
+    _summarise(s)
+    s.report.timings_s["package"] = 0.0  # the files below are written once; this stage takes well under a second
+    (s.work / "report.json").write_text(s.report.to_json())
+    (s.work / "report.md").write_text(s.report.to_markdown())
+    files = {**s.artefacts, "report.json": s.work / "report.json", "report.md": s.work / "report.md"}
+    info = {"model": s.cfg.model, "target": s.profile.name, "profile": s.profile.model_dump(),
+            "bits": s.report.summary["bits"], "accuracy": s.report.stages["accuracy"],
+            "pfq": {"filters_removed": s.report.stages["prune"]["filters_removed"]},
+            "estimates": {k: s.report.summary.get(k) for k in ("latency_us", "throughput_fps", "LUT", "BRAM_18K",
+                                                              "URAM", "DSP", "fit", "latency_verdict")},
+            "weight_bits": s.report.summary["weight_bits"]}
+    manifest = build_manifest(files, info)
+    name = f"pfq-edge-{_slug(s.cfg.model)}-{s.profile.name}.tar.gz"
+    write_archive(s.work / name, files, manifest)
+    (s.work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    s.report.add("package", {"archive": name})
+    return s
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+
+
+def _summarise(s: State) -> None:
+    acc = s.report.stages["accuracy"]
+    q = s.profile.quant
+    summary = {
+        "float_top1": acc.get("float"), "pfq_top1": acc.get("pfq_float"), "quantized_top1": acc.get("quantized_ptq"),
+        "finetuned_top1": acc.get("finetuned"),
+        "bits": f"W{q.weight_bit_width}A{q.act_bit_width} input {q.input_bit_width}-bit, {q.weight_granularity}",
+        "filters_removed": s.report.stages["prune"]["filters_removed"],
+        "weight_bits": s.report.stages["quantize"]["weight_bits"],
+    }
+    if s.estimate is not None:
+        v = s.report.stages["estimate"]["verdicts"]
+        summary.update({"latency_us": s.estimate.latency_us, "throughput_fps": s.estimate.throughput_fps,
+                        **{r: s.estimate.totals[r] for r in ("LUT", "BRAM_18K", "URAM", "DSP")},
+                        "fit": v["fit"]["verdict"], "latency_verdict": v["latency"]["verdict"]})
+    s.report.summary = summary
+
+
+STAGES = [stage_load, stage_prune, stage_quantize, stage_finetune, stage_export, stage_estimate, stage_package]
+
+
+def compile_model(cfg: CompileConfig, log=None) -> Report:
+    """Run every stage for ``cfg``; the output folder ``cfg.out`` appears only when all of them succeed.
+
+    Raises PfqError subclasses (ProfileError, DataError, ModelError, GoldenCheckError, ToolchainError, OutputError)
+    with one-line messages; nothing is left in ``cfg.out`` on failure.
+    """
+    import torch
+
+    from pfq_edge.io import staged_dir
+    from pfq_edge.targets.profile import load_profile
+    from pfq_edge.train import set_seed
+
+    profile = load_profile(cfg.target)
+    set_seed(cfg.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with staged_dir(Path(cfg.out), force=cfg.force) as work:
+        state = State(cfg=cfg, profile=profile, report=Report(cfg.model, profile.name), work=work)
+        for stage in STAGES:
+            name = stage.__name__.removeprefix("stage_")
+            if log is not None:
+                log(f"stage {name} …")
+            t0 = time.perf_counter()
+            state = stage(state)
+            state.report.timings_s[name] = round(time.perf_counter() - t0, 2)
+    return state.report

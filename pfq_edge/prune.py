@@ -1,0 +1,334 @@
+"""PfQ removal with compensation: delete constant filters and fold their constant into the consumers' biases.
+
+Method from arXiv:2011.06751 as read in shared/design.md §3–4: filter c with constant post-activation output a_c is
+deleted (conv output channel, BN channel); every dense consumer gets b_o += a_c·Σ_{kh,kw} K[o,c,kh,kw] (or, if it is
+bias-free and followed by BN, that BN's running_mean −= the same amount); a depthwise consumer's channel c becomes
+constant too, is removed, and its constant is carried on. Exact where a_c = 0 or no zero padding touches the
+constant; otherwise exact in the interior only (the pipeline measures the border effect on real inputs).
+
+This version follows channels through: conv → BN → activation chains, depthwise convs, max/adaptive pooling,
+flatten, dense convs and linear layers. Anything else a constant channel reaches (add, concat, grouped conv, the
+model output) leaves that layer unpruned, listed in ``PrunePlan.skipped`` with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import fx, nn
+
+from pfq_edge.analysis import DEFAULT_TOL, constant_mask
+from pfq_edge.graph import (PASSTHROUGH_MODULES, Chain, activation_of, call_counts, chain_from_conv, conv_chains,
+                            is_depthwise, is_flatten, module_of, spatial_size)
+
+
+@dataclass
+class Removal:
+    """Output channels ``channels`` of conv ``conv`` (and of its BN ``bn``) are deleted."""
+
+    conv: str
+    bn: str | None
+    channels: list[int]
+    depthwise: bool = False
+
+
+@dataclass
+class Compensation:
+    """Consumer ``module`` loses inputs ``inputs``, each carrying the constant ``values[i]``.
+
+    ``target`` says where Σ K·a goes: "bias", "new_bias" (a bias is added) or "bn_mean" (of ``bn``).
+    """
+
+    module: str
+    inputs: list[int]
+    values: list[float]
+    target: str
+    bn: str | None = None
+
+
+@dataclass
+class PruneGroup:
+    """The constant filters of one producer chain and everything their removal touches."""
+
+    producer: str
+    channels: list[int]
+    values: list[float]                  # a_c = f(β_c) for each removed channel
+    removals: list[Removal]
+    compensations: list[Compensation]
+    exact: bool                          # True: no non-zero constant meets zero padding (identical output)
+
+
+@dataclass
+class Skipped:
+    layer: str
+    constant_filters: int
+    reason: str
+
+
+@dataclass
+class PrunePlan:
+    """What PfQ removes (``groups``), what it leaves and why (``skipped``), and ``warnings`` for the user."""
+
+    groups: list[PruneGroup] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    tol: float = DEFAULT_TOL
+
+    @property
+    def filters_removed(self) -> int:
+        return sum(len(g.channels) for g in self.groups)
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"filters_removed": self.filters_removed}
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _padded(conv: nn.Conv2d) -> bool:
+    pad = conv.padding
+    return pad == "same" or (not isinstance(pad, str) and any(p > 0 for p in pad))
+
+
+class _Walker:
+    """Follows removed channels from a producer to every consumer, collecting removals and compensations."""
+
+    def __init__(self, gm: fx.GraphModule, shared: set[str]):
+        self.gm, self.shared = gm, shared
+        self.removals: list[Removal] = []
+        self.compensations: list[Compensation] = []
+        self.exact = True
+
+    def _check_shared(self, *names: str | None) -> None:
+        for name in names:
+            if name is not None and name in self.shared:
+                raise _Unsupported(f"module {name!r} is called at more than one place in the graph")
+
+    def walk(self, node: fx.Node, index: dict[int, list[int]], values: dict[int, float]) -> None:
+        """``index[c]``: tensor positions of producer channel c at ``node``; ``values[c]``: its constant there."""
+        for user in node.users:
+            mod = module_of(self.gm, user)
+            if user.op == "output":
+                raise _Unsupported("its output is a model output")
+            if isinstance(mod, nn.Conv2d):
+                self._check_shared(user.target)
+                if mod.groups == 1:
+                    self._dense(user, mod, index, values)
+                elif is_depthwise(mod):
+                    self._depthwise(user, mod, index, values)
+                else:
+                    raise _Unsupported(f"it feeds grouped conv {user.target!r} (groups={mod.groups})")
+            elif isinstance(mod, nn.Linear):
+                self._check_shared(user.target)
+                self._dense(user, mod, index, values)
+            elif isinstance(mod, PASSTHROUGH_MODULES):
+                if isinstance(mod, nn.AvgPool2d) and any(v != 0 for v in values.values()) and mod.padding:
+                    self.exact = False
+                self.walk(user, index, values)
+            elif (act := activation_of(self.gm, user)) is not None:
+                self.walk(user, index, {c: _apply(act, v) for c, v in values.items()})
+            elif is_flatten(self.gm, user):
+                hw = spatial_size(node)
+                self.walk(user, {c: [i * hw + k for i in pos for k in range(hw)] for c, pos in index.items()}, values)
+            else:
+                what = user.target if user.op == "call_module" else getattr(user.target, "__name__", user.target)
+                raise _Unsupported(f"it feeds {what!r} ({user.op}), which this version does not prune through")
+
+    def _dense(self, node: fx.Node, mod: nn.Module, index, values) -> None:
+        if node.args[0] is not self._input_of(node):
+            raise _Unsupported(f"unexpected use of {node.target!r}")
+        inputs = [i for c in index for i in index[c]]
+        vals = [values[c] for c in index for _ in index[c]]
+        if any(v != 0 for v in vals) and isinstance(mod, nn.Conv2d) and _padded(mod):
+            self.exact = False
+        if mod.bias is not None:
+            target, bn = "bias", None
+        else:
+            chain = chain_from_conv(self.gm, node) if isinstance(mod, nn.Conv2d) else None
+            bn = chain.bn if chain is not None else None
+            self._check_shared(bn)
+            target = "bn_mean" if bn is not None else "new_bias"
+        self.compensations.append(Compensation(node.target, inputs, vals, target, bn))
+
+    @staticmethod
+    def _input_of(node: fx.Node) -> fx.Node:
+        return node.args[0]
+
+    def _depthwise(self, node: fx.Node, mod: nn.Conv2d, index, values) -> None:
+        chain = chain_from_conv(self.gm, node)
+        self._check_shared(chain.bn, chain.act if chain.act_fn is not None and chain.out.op == "call_module" else None)
+        channels = [i for c in index for i in index[c]]
+        if len(channels) != len(index):
+            raise _Unsupported(f"depthwise conv {node.target!r} after a flatten")
+        if any(v != 0 for v in values.values()) and _padded(mod):
+            self.exact = False
+        new_values = {}
+        for c, (ch,) in index.items():
+            v = values[c] * float(mod.weight[ch].detach().sum())
+            if mod.bias is not None:
+                v += float(mod.bias[ch])
+            if chain.bn is not None:
+                bn = self.gm.get_submodule(chain.bn)
+                v = _bn_value(bn, ch, v)
+            new_values[c] = _apply(chain.act_fn, v) if chain.act_fn is not None else v
+        self.removals.append(Removal(chain.conv, chain.bn, channels, depthwise=True))
+        self.walk(chain.out, index, new_values)
+
+
+def _apply(act: nn.Module, v: float) -> float:
+    with torch.no_grad():
+        return float(act(torch.tensor([v], dtype=torch.float32))[0])
+
+
+def _bn_value(bn: nn.BatchNorm2d, c: int, x: float) -> float:
+    gamma = float(bn.weight[c]) if bn.weight is not None else 1.0
+    beta = float(bn.bias[c]) if bn.bias is not None else 0.0
+    return gamma * (x - float(bn.running_mean[c])) / float(bn.running_var[c] + bn.eps) ** 0.5 + beta
+
+
+def plan_pfq(gm: fx.GraphModule, tol: float = DEFAULT_TOL) -> PrunePlan:
+    """Find the constant filters of every conv → BN chain in ``gm`` (traced by ``graph.trace``) and plan removal.
+
+    Returns a PrunePlan; modifies nothing. The rule is design.md §2's exact one (post-BN std ≤ ``tol``).
+    Channels already removed through an earlier chain (a depthwise conv behind a constant filter) are not
+    counted twice.
+    """
+    with torch.no_grad():
+        return _plan(gm, tol)
+
+
+def _plan(gm: fx.GraphModule, tol: float) -> PrunePlan:
+    plan = PrunePlan(tol=tol)
+    shared = {name for name, n in call_counts(gm).items() if n > 1}
+    removed: dict[str, set[int]] = {}
+    for chain in conv_chains(gm):
+        if chain.bn is None:
+            continue
+        bn = gm.get_submodule(chain.bn)
+        mask = constant_mask(bn, tol)
+        if bool(mask.all()):
+            plan.warnings.append(f"all {mask.numel()} filters of {chain.conv!r} are constant: everything downstream "
+                                 f"of it is constant; one filter is kept so that no layer has 0 channels")
+            mask[0] = False
+        channels = [int(i) for i in torch.nonzero(mask).flatten() if int(i) not in removed.get(chain.conv, set())]
+        if not channels:
+            if bool(constant_mask(bn, tol).all()) and mask.numel() == 1:
+                plan.skipped.append(Skipped(chain.conv, 1, "its only filter is constant; a layer keeps ≥ 1 channel"))
+            continue
+        try:
+            group = _plan_group(gm, chain, bn, channels, shared)
+        except _Unsupported as exc:
+            plan.skipped.append(Skipped(chain.conv, len(channels), f"not pruned: {exc}"))
+            continue
+        plan.groups.append(group)
+        for r in group.removals:
+            removed.setdefault(r.conv, set()).update(r.channels)
+    return plan
+
+
+def _plan_group(gm, chain: Chain, bn: nn.BatchNorm2d, channels: list[int], shared: set[str]) -> PruneGroup:
+    walker = _Walker(gm, shared)
+    walker._check_shared(chain.conv, chain.bn)
+    beta = bn.bias.detach() if bn.bias is not None else torch.zeros(bn.num_features)
+    values = {c: float(beta[c]) for c in channels}
+    if chain.act_fn is not None:
+        values = {c: _apply(chain.act_fn, v) for c, v in values.items()}
+    conv = gm.get_submodule(chain.conv)
+    if is_depthwise(conv):
+        # A depthwise filter reads only its own input channel: that channel's producer filter becomes unused.
+        walker.removals.append(_unused_upstream(gm, chain, channels, shared))
+    walker.removals.append(Removal(chain.conv, chain.bn, channels, depthwise=is_depthwise(conv)))
+    walker.walk(chain.out, {c: [c] for c in channels}, values)
+    return PruneGroup(chain.conv, channels, [values[c] for c in channels], walker.removals, walker.compensations,
+                      walker.exact)
+
+
+def _unused_upstream(gm, chain: Chain, channels: list[int], shared: set[str]) -> Removal:
+    """The filters that fed only the removed depthwise channels: removed with them (no compensation needed)."""
+    src = chain.conv_node.args[0]
+    for node in gm.graph.nodes:
+        mod = module_of(gm, node)
+        if isinstance(mod, nn.Conv2d) and node is not chain.conv_node:
+            up = chain_from_conv(gm, node)
+            if up.out is src:
+                if len(src.users) != 1 or up.conv in shared or (up.bn in shared):
+                    break
+                if is_depthwise(mod):
+                    raise _Unsupported("its input comes from another depthwise conv")
+                return Removal(up.conv, up.bn, channels)
+    raise _Unsupported("removing a depthwise filter needs its input channel's producer to feed only this conv")
+
+
+def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """Apply ``plan`` to ``model`` in place (module names as in the plan) and return it.
+
+    Compensations are computed from the original weights first; then channels are sliced out.
+    """
+    with torch.no_grad():
+        for group in plan.groups:
+            for comp in group.compensations:
+                _compensate(model, comp)
+        out_remove: dict[str, set[int]] = {}
+        in_remove: dict[str, set[int]] = {}
+        bn_remove: dict[str, set[int]] = {}
+        for group in plan.groups:
+            for r in group.removals:
+                out_remove.setdefault(r.conv, set()).update(r.channels)
+                if r.bn is not None:
+                    bn_remove.setdefault(r.bn, set()).update(r.channels)
+            for comp in group.compensations:
+                in_remove.setdefault(comp.module, set()).update(comp.inputs)
+        for name in sorted(set(out_remove) | set(in_remove)):
+            _slice_layer(model.get_submodule(name), out_remove.get(name, set()), in_remove.get(name, set()))
+        for name, drop in bn_remove.items():
+            _slice_bn(model.get_submodule(name), drop)
+    return model
+
+
+def _compensate(model: nn.Module, comp: Compensation) -> None:
+    mod = model.get_submodule(comp.module)
+    w = mod.weight.detach()
+    vals = torch.tensor(comp.values, dtype=w.dtype)
+    cols = w[:, comp.inputs]
+    delta = (cols.sum(dim=tuple(range(2, cols.dim()))) * vals).sum(1) if cols.dim() > 2 else cols @ vals
+    if comp.target == "bias":
+        mod.bias.add_(delta)
+    elif comp.target == "bn_mean":
+        model.get_submodule(comp.bn).running_mean.sub_(delta)
+    else:
+        mod.bias = nn.Parameter(delta.clone())
+
+
+def _keep(n: int, drop: set[int]) -> torch.Tensor:
+    return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long)
+
+
+def _slice_layer(mod: nn.Module, drop_out: set[int], drop_in: set[int]) -> None:
+    w = mod.weight.detach()
+    keep_out = _keep(w.shape[0], drop_out)
+    if isinstance(mod, nn.Conv2d) and is_depthwise(mod):
+        # in = out = groups; its input channels are exactly the removed output channels
+        w = w[keep_out]
+        mod.in_channels = mod.out_channels = mod.groups = len(keep_out)
+    else:
+        keep_in = _keep(w.shape[1], drop_in)
+        w = w[keep_out][:, keep_in]
+        if isinstance(mod, nn.Conv2d):
+            mod.out_channels, mod.in_channels = len(keep_out), len(keep_in)
+        else:
+            mod.out_features, mod.in_features = len(keep_out), len(keep_in)
+    mod.weight = nn.Parameter(w.clone())
+    if mod.bias is not None:
+        mod.bias = nn.Parameter(mod.bias.detach()[keep_out].clone())
+
+
+def _slice_bn(bn: nn.BatchNorm2d, drop: set[int]) -> None:
+    keep = _keep(bn.num_features, drop)
+    if bn.weight is not None:
+        bn.weight = nn.Parameter(bn.weight.detach()[keep].clone())
+        bn.bias = nn.Parameter(bn.bias.detach()[keep].clone())
+    bn.running_mean = bn.running_mean[keep].clone()
+    bn.running_var = bn.running_var[keep].clone()
+    bn.num_features = len(keep)

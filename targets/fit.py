@@ -1,0 +1,41 @@
+"""Checks FINN does not make: does the estimate fit the board's part, and does it meet the latency budget."""
+
+from __future__ import annotations
+
+from pfq_edge.errors import ProfileError
+
+CAPACITY_FIELDS = ("LUT", "FF", "BRAM_18K", "URAM", "DSP")
+
+
+def board_capacity(board: str) -> dict[str, int]:
+    """Resources of ``board``'s FPGA from FINN's platform table (finn.util.platforms), e.g. Pynq-Z1 → 53,200 LUT.
+
+    Raises ProfileError naming the known boards if FINN does not know ``board``.
+    """
+    from finn.util.platforms import platforms
+
+    if board not in platforms:
+        raise ProfileError(f"unknown FPGA board {board!r}; FINN knows: {', '.join(sorted(platforms))}")
+    return dict(zip(CAPACITY_FIELDS, platforms[board]().compute_resources[0]))
+
+
+def fpga_verdicts(estimate, profile) -> dict:
+    """Fit (every resource ≤ max_utilization × capacity) and latency (≤ budget) verdicts for a FinnEstimate.
+
+    Returns {"fit": {"verdict": "fits"|"does not fit", "utilization": {res: fraction}, ...},
+             "latency": {"verdict": "meets"|"misses", "latency_ms", "budget_ms"}}.
+    """
+    capacity = board_capacity(profile.fpga.board)
+    limit = profile.fpga.max_utilization
+    utilization = {r: (estimate.totals.get(r, 0.0) / capacity[r]) if capacity[r] else
+                   (0.0 if estimate.totals.get(r, 0.0) == 0 else float("inf"))
+                   for r in ("LUT", "BRAM_18K", "URAM", "DSP")}
+    over = [r for r, u in utilization.items() if u > limit]
+    latency_ms = estimate.latency_us / 1000.0
+    return {
+        "fit": {"verdict": "does not fit" if over else "fits", "board": profile.fpga.board,
+                "part": profile.fpga.part, "max_utilization": limit, "capacity": capacity,
+                "utilization": utilization, "over": over},
+        "latency": {"verdict": "meets" if latency_ms <= profile.budget.latency_ms else "misses",
+                    "latency_ms": latency_ms, "budget_ms": profile.budget.latency_ms},
+    }

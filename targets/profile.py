@@ -1,0 +1,120 @@
+"""Target profile schema (pydantic) and loading from built-in names or TOML files.
+
+A profile is data: bit widths and granularity, export format, FPGA board/part/clock and folding goal, and the
+budgets the compile is judged against. Nothing else in pfq-edge hard-codes a part number or a bit width.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pfq_edge.errors import ProfileError
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantSpec(_Strict):
+    """Bit widths (2–8) and weight-scale granularity of the quantized network."""
+
+    weight_bit_width: int = Field(4, ge=2, le=8)
+    act_bit_width: int = Field(4, ge=2, le=8)
+    input_bit_width: int = Field(8, ge=2, le=8)
+    weight_granularity: Literal["per-tensor", "per-channel"] = "per-tensor"
+
+
+class FpgaSpec(_Strict):
+    """FINN dataflow build settings: board (for its capacity), part, clock, and folding goal."""
+
+    board: str
+    part: str
+    clock_mhz: float = Field(gt=0, le=1000)
+    target_fps: int | None = Field(None, gt=0)
+    folding_file: str | None = None
+    max_utilization: float = Field(0.85, gt=0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one_folding_goal(self):
+        if (self.target_fps is None) == (self.folding_file is None):
+            raise ValueError("set exactly one of target_fps or folding_file")
+        return self
+
+
+class BudgetSpec(_Strict):
+    """What the compiled model must meet: latency per image in milliseconds."""
+
+    latency_ms: float = Field(gt=0)
+
+
+class Profile(_Strict):
+    """One deployment target. Load with ``load_profile``; raises ProfileError on unknown keys or bad values."""
+
+    name: str
+    description: str = ""
+    kind: Literal["fpga"]
+    aliases: list[str] = []
+    export_format: Literal["qonnx"] = "qonnx"
+    quant: QuantSpec = QuantSpec()
+    fpga: FpgaSpec
+    budget: BudgetSpec
+    source: str = ""
+
+    def summary(self) -> dict:
+        """Key facts for ``pfq-edge targets``."""
+        return {
+            "name": self.name, "kind": self.kind, "aliases": self.aliases, "description": self.description,
+            "bits": f"W{self.quant.weight_bit_width}A{self.quant.act_bit_width} (input {self.quant.input_bit_width})",
+            "granularity": self.quant.weight_granularity, "export": self.export_format,
+            "part": self.fpga.part, "board": self.fpga.board, "clock_mhz": self.fpga.clock_mhz,
+            "target_fps": self.fpga.target_fps, "latency_budget_ms": self.budget.latency_ms,
+        }
+
+
+def _parse(path: Path) -> Profile:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return Profile(**data, source=str(path))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(profile)"
+        raise ProfileError(f"{path}: key {key!r}: {err['msg']}") from None
+    except TypeError as exc:
+        raise ProfileError(f"{path}: {exc}") from None
+
+
+def builtin_profiles() -> dict[str, Profile]:
+    """Built-in profiles by name, from ``targets/profiles/*.toml``."""
+    profiles = [_parse(p) for p in sorted(PROFILE_DIR.glob("*.toml"))]
+    return {p.name: p for p in profiles}
+
+
+def load_profile(spec: str) -> Profile:
+    """A built-in profile by name or alias (``fpga`` → ``fpga-pynq-z1``), or a TOML file path.
+
+    Raises ProfileError naming the known targets if ``spec`` is neither.
+    """
+    profiles = builtin_profiles()
+    if spec in profiles:
+        return profiles[spec]
+    for p in profiles.values():
+        if spec in p.aliases:
+            return p
+    path = Path(spec)
+    if spec.endswith(".toml") or path.is_file():
+        if not path.is_file():
+            raise ProfileError(f"profile file not found: {path}")
+        return _parse(path)
+    known = sorted(list(profiles) + [a for p in profiles.values() for a in p.aliases])
+    raise ProfileError(f"unknown target {spec!r}; known targets: {', '.join(known)}")

@@ -46,6 +46,9 @@ def staged_dir(out: Path, force: bool = False):
         raise OutputError(f"cannot write to {out.parent}: {exc.strerror}") from None
     try:
         yield stage
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like any new folder
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

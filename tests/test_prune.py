@@ -1,0 +1,178 @@
+"""PfQ removal with compensation on real images: exact where the maths says so, approximate only at borders."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import plant_constant, randomize_bn, tiny_dscnn
+from pfq_edge.analysis import constant_mask, inflating_mask
+from pfq_edge.graph import trace
+from pfq_edge.prune import apply_plan, plan_pfq
+
+
+def _prune(model, x):
+    pruned = copy.deepcopy(model)
+    plan = plan_pfq(trace(pruned, x[:1]))
+    apply_plan(pruned, plan)
+    return pruned, plan
+
+
+def _layers(model):
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    return convs, bns
+
+
+def test_rule_is_post_bn_std_not_sigma_below_eps():
+    bn = nn.BatchNorm2d(4, eps=1e-3).eval()
+    with torch.no_grad():
+        bn.running_var.copy_(torch.tensor([0.0, 1e-4, 5e-4, 1.0]))
+    assert constant_mask(bn).tolist() == [True, False, False, False]
+    assert inflating_mask(bn).tolist() == [False, True, True, False]
+
+
+def test_dead_relu_filters_are_removed_exactly(images):
+    model = randomize_bn(tiny_dscnn())
+    convs, bns = _layers(model)
+    plant_constant(convs[2], bns[2], [1, 5, 7], [-0.3, -1.0, 0.0])  # pointwise, ReLU(β ≤ 0) = 0
+    pruned, plan = _prune(model, images)
+    assert plan.filters_removed == 3 and all(g.exact for g in plan.groups)
+    assert pruned[6].out_channels == 13 and pruned[7].num_features == 13
+    # the depthwise conv behind them loses the same channels, the next pointwise its inputs
+    assert pruned[9].in_channels == pruned[9].out_channels == pruned[9].groups == 13
+    assert pruned[12].in_channels == 13
+    with torch.no_grad():
+        assert torch.allclose(pruned(images), model(images), atol=1e-5)
+
+
+def test_positive_constant_is_compensated_exactly_in_the_interior(images):
+    # conv → BN → ReLU (3 constant filters, β > 0) → 3×3 conv with padding 1 → BN; compare feature maps
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)).eval()
+    randomize_bn(model)
+    plant_constant(model[0], model[1], [0, 3, 4], [0.5, 1.2, 0.8])
+    pruned, plan = _prune(model, images)
+    assert plan.filters_removed == 3 and not plan.groups[0].exact
+    assert plan.groups[0].compensations[0].target == "bn_mean"  # bias-free consumer followed by BN
+    with torch.no_grad():
+        ref, out = model(images), pruned(images)
+    interior = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+    assert torch.allclose(out[interior], ref[interior], atol=1e-5)
+    assert (out - ref).abs().max() > 1e-3  # zero padding makes the borders differ: reported, not hidden
+
+
+def test_depthwise_constant_filter_removes_its_unused_input_channel(images):
+    model = randomize_bn(tiny_dscnn())
+    convs, bns = _layers(model)
+    plant_constant(convs[1], bns[1], [2], [-0.5])  # depthwise filter 2 is dead
+    pruned, plan = _prune(model, images)
+    assert plan.filters_removed == 1
+    assert pruned[0].out_channels == 7 and pruned[3].groups == 7 and pruned[6].in_channels == 7
+    with torch.no_grad():
+        assert torch.allclose(pruned(images), model(images), atol=1e-5)
+
+
+def test_linear_head_is_compensated_after_global_pool(images):
+    model = randomize_bn(tiny_dscnn())
+    convs, bns = _layers(model)
+    plant_constant(convs[-1], bns[-1], [0, 9], [0.7, 1.5])  # last pointwise feeds max-pool → flatten → linear
+    pruned, plan = _prune(model, images)
+    assert plan.filters_removed == 2 and plan.groups[0].exact  # 1×1 conv, max pool: no padding involved
+    assert pruned[-1].in_features == 14
+    with torch.no_grad():
+        assert torch.allclose(pruned(images), model(images), atol=1e-5)
+
+
+def test_all_filters_constant_keeps_one_channel_and_warns(images):
+    # shared/cases 2: conv(3→16) → conv(16→64, k2 s2) → conv(64→1, k3) → BN(1) → ReLU; not depthwise
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 64, 2, stride=2), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.Conv2d(64, 1, 3), nn.BatchNorm2d(1), nn.ReLU()).eval()
+    randomize_bn(model)
+    plant_constant(model[6], model[7], [0], [0.4])
+    pruned, plan = _prune(model, images)
+    assert plan.filters_removed == 0
+    assert any("output is" in s.reason or "≥ 1 channel" in s.reason for s in plan.skipped) or plan.warnings
+    assert plan.warnings and "constant" in plan.warnings[0]
+    assert all(m.out_channels > 0 for m in pruned.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_inverted_residual_block(images):
+    # shared/cases 1: expand 1×1 → BN → ReLU6 → dw 3×3 → BN → ReLU6 → project 1×1 → BN, + identity skip
+    class InvertedResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 8, 3, padding=1)
+            self.expand = nn.Conv2d(8, 24, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(24)
+            self.act1 = nn.ReLU6()
+            self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False)
+            self.bn2 = nn.BatchNorm2d(24)
+            self.act2 = nn.ReLU6()
+            self.project = nn.Conv2d(24, 8, 1, bias=False)
+            self.bn3 = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            x = self.stem(x)
+            y = self.act1(self.bn1(self.expand(x)))
+            y = self.act2(self.bn2(self.dw(y)))
+            return x + self.bn3(self.project(y))
+
+    torch.manual_seed(0)
+    model = randomize_bn(InvertedResidual().eval())
+    plant_constant(model.expand, model.bn1, [2, 5, 11], [0.5, 7.0, 1.0])  # β > 0 (ReLU6 clips 7 to 6)
+    pruned, plan = _prune(model, images)
+    assert plan.filters_removed == 3
+    assert (pruned.expand.out_channels, pruned.bn1.num_features) == (21, 21)
+    assert pruned.dw.in_channels == pruned.dw.out_channels == pruned.dw.groups == 21 and pruned.bn2.num_features == 21
+    assert pruned.project.in_channels == 21 and pruned.project.out_channels == 8 and pruned.bn3.num_features == 8
+    assert plan.groups[0].compensations[0].target == "bn_mean"
+    assert not plan.groups[0].exact
+    with torch.no_grad():
+        ref, out = model(images), pruned(images)
+    interior = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+    assert torch.allclose(out[interior], ref[interior], atol=1e-4)
+
+
+def test_shared_batchnorm_is_left_alone_with_its_name(images):
+    # shared/cases 4: conv1 → bn; conv2 → bn (same module); add; ReLU
+    class SharedBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+            self.conv2 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.bn(self.conv1(x)) + self.bn(self.conv2(x))))
+
+    model = randomize_bn(SharedBN().eval())
+    plant_constant(model.conv1, model.bn, [1], [-1.0])
+    pruned, plan = _prune(model, images)
+    assert plan.filters_removed == 0
+    assert any("'bn'" in s.reason for s in plan.skipped)
+    with torch.no_grad():
+        assert torch.equal(pruned(images), model(images))
+
+
+def test_shared_batchnorm_is_refused_by_folding(images):
+    from pfq_edge.errors import ModelError
+    from pfq_edge.quantize import quantize_model
+    from pfq_edge.targets.profile import QuantSpec
+
+    class SharedBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+            self.conv2 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv1(x)) + self.bn(self.conv2(x)))
+
+    with pytest.raises(ModelError, match="'bn'"):
+        quantize_model(SharedBN().eval(), QuantSpec())

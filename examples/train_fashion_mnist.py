@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--channels", default="32,64,128,128,256,256", help="stem and block widths, comma-separated")
+    ap.add_argument("--channels", default="32,64,128,128,256", help="stem and block widths, comma-separated")
     ap.add_argument("--out", type=Path, default=Path("pfq_edge/weights"))
     args = ap.parse_args()
 

@@ -15,6 +15,7 @@ from torch import fx, nn
 from pfq_edge.errors import ModelError
 
 INPUT_RANGE = 1.0  # pixels arrive scaled to [0, 1] (data.py); the input quantizer's step is 1 / (2^bits - 1)
+_LEARNED_SCALE = {"weight_scaling_impl_type": "parameter_from_stats"}  # LSQ-style: scales train during QAT
 
 
 def _input_quantizer(bits: int):
@@ -73,7 +74,7 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
             continue
         cls, kwargs = entry
         compute_map[layer] = (cls, {**kwargs, "weight_quant": weight_quant, "weight_bit_width": spec.weight_bit_width,
-                                    "bias_quant": None})
+                                    "bias_quant": None, **_LEARNED_SCALE})
     act_map = {k: (cls, {**kw, "bit_width": spec.act_bit_width}) for k, (cls, kw) in QUANT_ACT_MAP.items()}
     identity_map = {k: (cls, {**kw, "bit_width": spec.act_bit_width}) for k, (cls, kw) in QUANT_IDENTITY_MAP.items()}
 

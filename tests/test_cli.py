@@ -1,0 +1,110 @@
+"""The CLI as a user runs it: the end-to-end compile on real data, and one-line errors for bad input."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "PFQ_EDGE_QUIET": "1"}
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pfq_edge", *args], capture_output=True, text=True, env=ENV,
+                          cwd=cwd, timeout=900)
+
+
+def one_line_error(proc):
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return len(lines) == 1 and lines[0].startswith("pfq-edge: error:") and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "fpga"
+    proc = run("compile", "--target", "fpga", "--epochs", "1", "--train-samples", "512", "--out", str(out),
+               "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, json.loads(proc.stdout)
+
+
+def test_compile_writes_report_and_package(compiled):
+    out, result = compiled
+    s = result["summary"]
+    for key in ("float_top1", "pfq_top1", "quantized_top1", "finetuned_top1", "filters_removed", "weight_bits",
+                "latency_us", "throughput_fps", "LUT", "BRAM_18K", "DSP", "fit", "latency_verdict"):
+        assert key in s, key
+    assert s["float_top1"] >= 0.90  # the shipped float model
+    assert s["fit"] in ("fits", "does not fit") and s["latency_verdict"] in ("meets", "misses")
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["export"]["golden"]["passed"] and report["stages"]["export"]["golden"]["images"] >= 256
+    assert (out / "report.md").read_text().startswith("# pfq-edge compile")
+    assert (out / "model.qonnx.onnx").is_file()
+    assert (out / "finn_reports" / "estimate_layer_resources.json").is_file()
+
+
+def test_manifest_hashes_match_the_files(compiled):
+    out, _ = compiled
+    archive = next(out.glob("*.tar.gz"))
+    with tarfile.open(archive) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    manifest = json.loads(members.pop("manifest.json"))
+    assert set(manifest["files"]) == set(members)
+    for name, data in members.items():
+        assert hashlib.sha256(data).hexdigest() == manifest["files"][name]["sha256"], name
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == manifest["files"][name]["sha256"], name
+    assert manifest["bits"].startswith("W4A4") and manifest["versions"]["brevitas"] == "0.13.4"
+
+
+def test_existing_output_is_refused(compiled):
+    out, _ = compiled
+    proc = run("compile", "--target", "fpga", "--out", str(out))
+    assert proc.returncode == 8 and one_line_error(proc) and "--force" in proc.stderr
+
+
+def test_unknown_target(tmp_path):
+    proc = run("compile", "--target", "nosuch", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 5 and one_line_error(proc)
+    assert "fpga-pynq-z1" in proc.stderr and "fpga-zcu104" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_data(tmp_path):
+    proc = run("compile", "--target", "fpga", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 3 and one_line_error(proc) and "dataset-fashion-mnist" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 10])
+def test_unreadable_weights(tmp_path, content):
+    w = tmp_path / "w.safetensors"
+    w.write_bytes(content)
+    proc = run("compile", "--target", "fpga", "--weights", str(w), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 4 and one_line_error(proc)
+
+
+def test_pickle_with_code_is_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import pickle
+
+    w = tmp_path / "w.pt"
+    w.write_bytes(pickle.dumps({"x": Evil()}))
+    proc = run("compile", "--target", "fpga", "--weights", str(w), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 4 and one_line_error(proc)
+    assert not marker.exists()
+
+
+def test_targets_json():
+    proc = run("targets", "--json")
+    assert proc.returncode == 0
+    names = {p["name"] for p in json.loads(proc.stdout)}
+    assert {"fpga-pynq-z1", "fpga-zcu104"} <= names

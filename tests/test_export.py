@@ -1,0 +1,75 @@
+"""QONNX export and the golden check, with real Brevitas and qonnx."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from conftest import randomize_bn, tiny_dscnn
+from pfq_edge.errors import GoldenCheckError
+from pfq_edge.export.qonnx import export_qonnx, run_qonnx
+from pfq_edge.golden import golden_check
+from pfq_edge.quantize import calibrate, quantize_model
+from pfq_edge.targets.profile import QuantSpec
+from pfq_edge.train import predict
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, images):
+    qm = quantize_model(randomize_bn(tiny_dscnn()), QuantSpec())
+    calibrate(qm, images)
+    path = export_qonnx(qm, images[:1], tmp_path_factory.mktemp("q") / "m.onnx")
+    return qm, path
+
+
+def test_qonnx_execution_matches_brevitas(exported, images):
+    qm, path = exported
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Quant" in ops and "Conv" in ops
+    result = golden_check("export", predict(qm, images).numpy(), run_qonnx(path, images.numpy(), batch_size=50),
+                          atol=1e-3)
+    assert result.passed and result.max_abs_diff < 1e-4 and result.argmax_agreement == 1.0
+
+
+def test_golden_check_fails_on_a_tampered_model(exported, images, tmp_path):
+    qm, path = exported
+    model = onnx.load(str(path))
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    quant_inputs = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Quant"}
+    name = next(quant_inputs[w] for w in conv_weights if w in quant_inputs)
+    init = next(i for i in model.graph.initializer if i.name == name)
+    w = numpy_helper.to_array(init).copy()
+    init.CopyFrom(numpy_helper.from_array(-w, name))  # flip the sign of the first conv's weights
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    with pytest.raises(GoldenCheckError, match="export"):
+        golden_check("export", predict(qm, images).numpy(), run_qonnx(bad, images.numpy()), atol=1e-3)
+
+
+@pytest.mark.parametrize("granularity", ["per-tensor", "per-channel"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_single_conv_with_and_without_bias(granularity, bias, tmp_path):
+    # shared/cases 6: Conv2d(1→64, k5) on 1×1×32×32, 4-bit weights; QONNX equals Brevitas within one output step
+    torch.manual_seed(0)
+
+    class OneConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 64, 5, bias=bias)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.conv(x))
+
+    qm = quantize_model(OneConv().eval(), QuantSpec(weight_bit_width=4, weight_granularity=granularity))
+    x = torch.rand(8, 1, 32, 32)
+    calibrate(qm, x)
+    path = export_qonnx(qm, x[:1], tmp_path / "conv.onnx")
+    with torch.no_grad():
+        ref = qm(x)
+    step = float(qm.get_submodule("act").act_quant.scale())
+    out = run_qonnx(path, x.numpy())
+    assert np.abs(out - ref.numpy()).max() <= step
+    assert (out.reshape(8, -1).argmax(1) == ref.numpy().reshape(8, -1).argmax(1)).all()

@@ -1,0 +1,51 @@
+"""FINN (finn-plus) estimate-only build on a small real network, and our fit/budget checks."""
+
+import dataclasses
+import json
+
+import pytest
+
+from conftest import randomize_bn, tiny_dscnn
+from pfq_edge.errors import ProfileError
+from pfq_edge.export.finn import finn_estimate
+from pfq_edge.export.qonnx import export_qonnx
+from pfq_edge.quantize import calibrate, quantize_model
+from pfq_edge.targets.fit import board_capacity, fpga_verdicts
+from pfq_edge.targets.profile import load_profile
+
+
+@pytest.fixture(scope="module")
+def estimate(tmp_path_factory, images):
+    profile = load_profile("fpga")
+    qm = quantize_model(randomize_bn(tiny_dscnn()), profile.quant)
+    calibrate(qm, images)
+    work = tmp_path_factory.mktemp("finn")
+    path = export_qonnx(qm, images[:1], work / "m.onnx")
+    return profile, finn_estimate(path, profile.fpga, profile.quant.input_bit_width, work / "build")
+
+
+def test_estimate_reports_layers_resources_and_performance(estimate):
+    profile, est = estimate
+    kinds = {row["layer"].split("_")[0] for row in est.layers}
+    assert {"MVAU", "VVAU"} <= kinds  # pointwise and depthwise convs mapped to FINN's compute units
+    assert est.totals["LUT"] > 0 and est.critical_path_cycles >= est.max_cycles > 0
+    assert est.latency_us == pytest.approx(est.critical_path_cycles / profile.fpga.clock_mhz)
+    assert est.throughput_fps == pytest.approx(profile.fpga.clock_mhz * 1e6 / est.max_cycles)
+    perf = json.loads(open(f"{est.report_dir}/estimate_network_performance.json").read())
+    assert perf["critical_path_cycles"] == est.critical_path_cycles
+
+
+def test_fit_and_budget_verdicts(estimate):
+    profile, est = estimate
+    v = fpga_verdicts(est, profile)
+    assert v["fit"]["verdict"] == "fits" and v["latency"]["verdict"] == "meets"
+    huge = dataclasses.replace(est, totals={**est.totals, "LUT": 60000.0}, latency_us=1e6)
+    v = fpga_verdicts(huge, profile)
+    assert v["fit"]["verdict"] == "does not fit" and v["fit"]["over"] == ["LUT"]
+    assert v["latency"]["verdict"] == "misses"
+
+
+def test_board_capacity_from_finn():
+    assert board_capacity("Pynq-Z1")["LUT"] == 53200
+    with pytest.raises(ProfileError, match="unknown FPGA board"):
+        board_capacity("Nope-Board")

@@ -1,0 +1,60 @@
+import pytest
+
+from pfq_edge.errors import ProfileError
+from pfq_edge.targets.profile import builtin_profiles, load_profile
+
+GOOD = """
+name = "my-board"
+kind = "fpga"
+[quant]
+weight_bit_width = 4
+act_bit_width = 4
+[fpga]
+board = "Pynq-Z1"
+part = "xc7z020clg400-1"
+clock_mhz = 100.0
+target_fps = 1000
+[budget]
+latency_ms = 5.0
+"""
+
+
+def test_builtin_profiles_and_alias():
+    profiles = builtin_profiles()
+    assert {"fpga-pynq-z1", "fpga-zcu104"} <= set(profiles)
+    p = load_profile("fpga")
+    assert p.name == "fpga-pynq-z1" and p.fpga.part == "xc7z020clg400-1" and p.fpga.clock_mhz == 100.0
+    z = load_profile("fpga-zcu104")
+    assert z.fpga.part == "xczu7ev-ffvc1156-2-e" and z.fpga.clock_mhz == 200.0
+
+
+def test_unknown_target_lists_known_ones():
+    with pytest.raises(ProfileError, match="unknown target 'nosuch'.*fpga-pynq-z1"):
+        load_profile("nosuch")
+
+
+def test_profile_file(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text(GOOD)
+    assert load_profile(str(f)).fpga.target_fps == 1000
+
+
+@pytest.mark.parametrize("old,new,key", [
+    ("weight_bit_width = 4", "weight_bit_width = 0", "quant.weight_bit_width"),
+    ("act_bit_width = 4", "act_bit_width = 33", "quant.act_bit_width"),
+    ("latency_ms = 5.0", "latency_ms = -1.0", "budget.latency_ms"),
+    ("clock_mhz = 100.0", "clock_mhz = 100.0\ncolour = 'red'", "fpga.colour"),
+])
+def test_bad_values_name_key_and_file(tmp_path, old, new, key):
+    f = tmp_path / "bad.toml"
+    f.write_text(GOOD.replace(old, new))
+    with pytest.raises(ProfileError) as exc:
+        load_profile(str(f))
+    assert key in str(exc.value) and str(f) in str(exc.value)
+
+
+def test_invalid_toml(tmp_path):
+    f = tmp_path / "broken.toml"
+    f.write_text("name = ")
+    with pytest.raises(ProfileError, match="not valid TOML"):
+        load_profile(str(f))

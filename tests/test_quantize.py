@@ -1,0 +1,55 @@
+"""Brevitas quantization stage: bit widths from the spec, the input quantizer, logical size."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import randomize_bn, tiny_dscnn
+from pfq_edge.quantize import calibrate, quantize_model, weight_bits
+from pfq_edge.targets.profile import QuantSpec
+
+
+def _quant_layers(qm):
+    return [m for m in qm.modules() if hasattr(m, "weight_quant") and getattr(m, "weight", None) is not None]
+
+
+def test_bn_is_folded_and_bit_widths_follow_the_spec(images):
+    model = randomize_bn(tiny_dscnn())
+    qm = quantize_model(model, QuantSpec(weight_bit_width=3, act_bit_width=5))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qm.modules())
+    assert {int(m.quant_weight().bit_width) for m in _quant_layers(qm)} == {3}
+    acts = [m for m in qm.modules() if type(m).__name__ == "QuantReLU"]
+    assert acts and {int(a.act_quant.bit_width()) for a in acts} == {5}
+    # the float model is untouched (folding works on a copy)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_input_quantizer_is_inserted_with_pixel_step(images):
+    # shared/cases 7: the first conv is fed raw pixels; the stage inserts an 8-bit input quantizer (step 1/255)
+    model = randomize_bn(tiny_dscnn())
+    qm = quantize_model(model, QuantSpec())
+    first = next(m for m in qm.modules() if type(m).__name__ == "QuantIdentity")
+    q = first(images[:4])
+    assert int(q.bit_width) == 8 and not bool(q.signed)
+    assert float(q.scale) == pytest.approx(1 / 255, rel=1e-6)
+    # integer pixels are represented exactly
+    assert torch.allclose(q.value, images[:4], atol=1e-6)
+
+
+def test_quantized_model_tracks_float_at_8_bits(images):
+    model = randomize_bn(tiny_dscnn())
+    qm = quantize_model(model, QuantSpec(weight_bit_width=8, act_bit_width=8))
+    calibrate(qm, images)
+    with torch.no_grad():
+        ref, out = model(images), qm(images)
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+@pytest.mark.parametrize("bits,expected", [(8, 8_388_608), (4, 4_194_304), (2, 2_097_152)])
+def test_logical_size_follows_bit_width(bits, expected):
+    # shared/cases 5: QuantLinear(1024, 1024) weight storage in bits; biases are reported apart
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1024, 1024)).eval()
+    qm = quantize_model(model, QuantSpec(weight_bit_width=bits))
+    size = weight_bits(qm)
+    assert size["weight_bits"] == expected
+    assert size["bias_params"] == 1024

@@ -1,0 +1,45 @@
+import json
+
+import pytest
+import torch
+
+from pfq_edge.errors import ModelError
+from pfq_edge.train import accuracy
+from pfq_edge.zoo import WEIGHTS_DIR, load_model, load_weights
+
+
+def test_shipped_default_model_reaches_its_stated_accuracy(test_split):
+    meta = json.loads((WEIGHTS_DIR / "fashion-dscnn.json").read_text())
+    loaded = load_model("fashion-dscnn")
+    acc = accuracy(loaded.module, test_split)
+    assert acc >= 0.90
+    assert acc == pytest.approx(meta["test_top1"], abs=2e-4)
+    assert "examples/train_fashion_mnist.py" in meta["command"]
+
+
+def test_module_factory_spec(tmp_path):
+    loaded = load_model("pfq_edge.zoo:fashion_dscnn", weights=WEIGHTS_DIR / "fashion-dscnn.safetensors")
+    assert isinstance(loaded.module, torch.nn.Module) and not loaded.module.training
+
+
+def test_torch_state_dict_loads_weights_only(tmp_path):
+    state = load_weights(WEIGHTS_DIR / "fashion-dscnn.safetensors")
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    assert load_weights(path).keys() == state.keys()
+
+
+@pytest.mark.parametrize("spec,match", [("nosuch", "unknown model"), ("os:nothing", "no callable"),
+                                        ("no_such_module_x:f", "cannot import")])
+def test_bad_model_specs(spec, match):
+    with pytest.raises(ModelError, match=match):
+        load_model(spec)
+
+
+def test_mismatched_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"nope": torch.zeros(1)}, str(path))
+    with pytest.raises(ModelError, match="do not match"):
+        load_model("fashion-dscnn", weights=path)

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from pfq_edge.errors import PfqError
+from pfq_edge.pipeline import DEFAULT_EPOCHS, DEFAULT_LR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PfQ pruning, low-bit quantization and compilation of PyTorch CNNs for edge targets.")
@@ -26,7 +27,11 @@ def _fail(message: str, code: int) -> None:
 
 
 def _info(message: str) -> None:
-    typer.echo(message, err=True)
+    """Stage progress on an interactive terminal only, so that scripted runs see just the result or one error."""
+    from pfq_edge.progress import enabled
+
+    if enabled():
+        typer.echo(message, err=True)
 
 
 @app.command("compile")
@@ -36,10 +41,10 @@ def compile_cmd(
     model: str = typer.Option("fashion-dscnn", "--model", "-m", help="Zoo name or package.module:factory."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict: .safetensors, or a torch file "
                                                                     "loaded with weights_only=True."),
-    epochs: int = typer.Option(1, "--epochs", min=0, help="QAT fine-tuning epochs (0 skips fine-tuning)."),
-    train_samples: int = typer.Option(30000, "--train-samples", min=0,
+    epochs: int = typer.Option(DEFAULT_EPOCHS, "--epochs", min=0, help="QAT fine-tuning epochs (0 skips it)."),
+    train_samples: int = typer.Option(0, "--train-samples", min=0,
                                       help="Training images per fine-tuning epoch (0: all 60,000)."),
-    lr: float = typer.Option(3e-4, "--lr", min=0.0, help="Fine-tuning learning rate (Adam, cosine schedule)."),
+    lr: float = typer.Option(DEFAULT_LR, "--lr", min=0.0, help="Fine-tuning learning rate (Adam, cosine schedule)."),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("pfq-out"), "--out", "-o", help="Output folder (written atomically)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
@@ -101,6 +106,11 @@ def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-read
 
 def main() -> None:
     """Console entry point: runs the app, turning PfqError into one line on stderr and its exit code."""
+    import warnings
+
+    # Harmless library chatter (toolchain.md): Brevitas' optional Hadamard kernel, a torch treespec deprecation.
+    warnings.filterwarnings("ignore", message="fast_hadamard_transform")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         app(standalone_mode=False)
     except PfqError as exc:

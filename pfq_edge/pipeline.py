@@ -17,9 +17,9 @@ from pathlib import Path
 
 from pfq_edge.report import Report
 
-DEFAULT_EPOCHS = 1
-DEFAULT_TRAIN_SAMPLES = 30000   # images per fine-tuning epoch (the first N of the 60,000; all: --train-samples 0)
-DEFAULT_LR = 3e-4
+DEFAULT_EPOCHS = 2
+DEFAULT_TRAIN_SAMPLES = None    # images per fine-tuning epoch: None = all 60,000 (else the first N)
+DEFAULT_LR = 1e-3
 CALIBRATION_IMAGES = 1024
 GOLDEN_IMAGES = 256
 EXPORT_ATOL = 1e-3              # |Δlogit| between Brevitas and qonnx execution (seen: ~1e-6)

@@ -7,14 +7,15 @@ import sys
 from contextlib import contextmanager
 
 
-def _enabled() -> bool:
+def enabled() -> bool:
+    """True when stderr is a terminal and PFQ_EDGE_QUIET is unset."""
     return sys.stderr.isatty() and not os.environ.get("PFQ_EDGE_QUIET")
 
 
 @contextmanager
 def progress_bar(description: str, total: int | None):
     """Yield ``advance(n)``; shows a rich progress bar on stderr when it is a terminal."""
-    if not _enabled():
+    if not enabled():
         yield lambda n=1: None
         return
     from rich.console import Console

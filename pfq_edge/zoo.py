@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,10 +100,13 @@ def load_weights(path: Path) -> dict:
         except Exception as exc:  # safetensors raises several types for corrupt headers/data
             raise ModelError(f"cannot read safetensors weights {path}: {str(exc).splitlines()[0]}") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot read weights {path} (safe loading only, no pickled code): {first}") from None
+        reason = "it holds pickled objects other than tensors" if "Weights only load failed" in str(exc) else \
+            (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelError(f"cannot read weights {path} (weights-only loading, no code runs): {reason}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -104,6 +105,10 @@ def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-read
     Console().print(table)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console entry point: runs the app, turning PfqError into one line on stderr and its exit code."""
     import warnings
@@ -111,6 +116,7 @@ def main() -> None:
     # Harmless library chatter (toolchain.md): Brevitas' optional Hadamard kernel, a torch treespec deprecation.
     warnings.filterwarnings("ignore", message="fast_hadamard_transform")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    signal.signal(signal.SIGTERM, _terminate)  # clean up staged output as on Ctrl-C
     try:
         app(standalone_mode=False)
     except PfqError as exc:

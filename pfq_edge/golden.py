@@ -1,4 +1,10 @@
-"""Golden checks at stage boundaries: a stage's output against the previous stage's on the same inputs."""
+"""Golden checks at stage boundaries: a stage's output against the previous stage's on the same inputs.
+
+Quantized networks make exact equality the wrong test between two runtimes: float32 sums in a different order put
+a value on the other side of a rounding boundary now and then, the activation moves by one quantization step and
+that step propagates to the logits. So a check bounds three things: top-1 agreement, the share of images whose
+logits differ by more than ``atol`` (such one-step flips), and — when every image must match — the max |Δ|.
+"""
 
 from __future__ import annotations
 
@@ -17,26 +23,33 @@ class GoldenResult:
     images: int
     max_abs_diff: float
     argmax_agreement: float
+    mismatched_images: int        # images with max |Δlogit| > atol
     atol: float | None
     min_agreement: float
+    max_mismatch_fraction: float
     passed: bool
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def golden_check(stage: str, reference: np.ndarray, candidate: np.ndarray, atol: float,
-                 min_agreement: float = 1.0) -> GoldenResult:
-    """Compare logits (N, classes): passes when max |diff| ≤ ``atol`` (None: not checked) and top-1 agrees on at
-    least ``min_agreement`` of the inputs.
+def golden_check(stage: str, reference: np.ndarray, candidate: np.ndarray, atol: float | None,
+                 min_agreement: float = 1.0, max_mismatch_fraction: float = 0.0) -> GoldenResult:
+    """Compare logits (N, classes) of two stages on the same N inputs.
 
-    Raises GoldenCheckError (the command fails) if it does not pass; returns the result otherwise.
+    Passes when top-1 agrees on ≥ ``min_agreement`` of the inputs and, if ``atol`` is set, at most
+    ``max_mismatch_fraction`` of the inputs have max |Δ| > ``atol``. Raises GoldenCheckError (the command fails)
+    otherwise; returns the measured result when it passes.
     """
-    diff = float(np.abs(reference - candidate).max())
+    per_image = np.abs(reference - candidate).reshape(len(reference), -1).max(1)
     agree = float((reference.argmax(1) == candidate.argmax(1)).mean())
-    passed = (atol is None or diff <= atol) and agree >= min_agreement
-    result = GoldenResult(stage, int(len(reference)), diff, agree, atol, min_agreement, passed)
+    mismatched = int((per_image > atol).sum()) if atol is not None else 0
+    passed = agree >= min_agreement and mismatched <= max_mismatch_fraction * len(reference)
+    result = GoldenResult(stage, int(len(reference)), float(per_image.max()), agree, mismatched, atol, min_agreement,
+                          max_mismatch_fraction, passed)
     if not passed:
-        raise GoldenCheckError(f"golden check '{stage}' failed on {result.images} images: max abs diff {diff:.3g} "
-                               f"(tolerance {atol}), top-1 agreement {agree:.2%} (required {min_agreement:.0%})")
+        raise GoldenCheckError(
+            f"golden check '{stage}' failed on {result.images} images: top-1 agreement {agree:.2%} (required "
+            f"{min_agreement:.0%}), {mismatched} images differ by more than {atol} (allowed "
+            f"{max_mismatch_fraction:.0%}), max abs diff {result.max_abs_diff:.3g}")
     return result

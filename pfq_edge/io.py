@@ -41,6 +41,8 @@ def staged_dir(out: Path, force: bool = False):
         raise OutputError(f"output directory {out} exists; pass --force to replace it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{out.name}.*.partial"):  # left by a killed run (SIGKILL skips clean-up)
+            shutil.rmtree(stale, ignore_errors=True)
         stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     except OSError as exc:
         raise OutputError(f"cannot write to {out.parent}: {exc.strerror}") from None

@@ -22,7 +22,9 @@ DEFAULT_TRAIN_SAMPLES = None    # images per fine-tuning epoch: None = all 60,00
 DEFAULT_LR = 1e-3
 CALIBRATION_IMAGES = 1024
 GOLDEN_IMAGES = 256
-EXPORT_ATOL = 1e-3              # |Δlogit| between Brevitas and qonnx execution (seen: ~1e-6)
+EXPORT_ATOL = 1e-3              # |Δlogit| between Brevitas and qonnx execution when no activation flips (~1e-6)
+EXPORT_MIN_AGREEMENT = 0.99     # top-1 agreement, QONNX vs Brevitas
+EXPORT_MAX_FLIPPED = 0.5        # share of images allowed a one-step rounding flip (seen: 9% after full QAT)
 PRUNE_EXACT_ATOL = 1e-4         # |Δlogit| when PfQ removal is exact (no constant meets zero padding)
 PRUNE_APPROX_AGREEMENT = 0.99   # top-1 agreement required when removal is approximate at the borders
 
@@ -93,6 +95,10 @@ def stage_prune(s: State) -> State:
     s.pruned_model = copy.deepcopy(s.float_model)
     gm = trace(s.pruned_model, test.images[:1])
     plan = plan_pfq(gm)
+    removed: dict[str, set[int]] = {}
+    for group in plan.groups:
+        for r in group.removals:
+            removed.setdefault(r.conv, set()).update(r.channels)
     before = {}
     for chain in conv_chains(gm):
         conv = gm.get_submodule(chain.conv)
@@ -102,6 +108,7 @@ def stage_prune(s: State) -> State:
                                                                                  "grouped"),
             "channels_before": conv.out_channels,
             "constant_filters": int((post_bn_std(bn) <= plan.tol).sum()) if bn is not None else 0,
+            "removed_filters": len(removed.get(chain.conv, ())),
             "range_inflating_filters": int(inflating_mask(bn, plan.tol).sum()) if bn is not None else 0,
             "folded_max_abs_before": float(folded_weight(conv, bn).abs().max()),
             "bn": chain.bn,
@@ -118,10 +125,7 @@ def stage_prune(s: State) -> State:
     golden = golden_check("prune (PfQ float vs original float)", ref, out,
                           atol=PRUNE_EXACT_ATOL if exact else None,
                           min_agreement=1.0 if exact else PRUNE_APPROX_AGREEMENT)
-    s.report.add("prune", {"tol": plan.tol, "filters_removed": plan.filters_removed, "exact": exact,
-                           "layers": layers, "groups": [g.__dict__ for g in plan.groups],
-                           "skipped": [k.__dict__ for k in plan.skipped], "warnings": plan.warnings,
-                           "golden": golden.as_dict()})
+    s.report.add("prune", {**plan.as_dict(), "exact": exact, "layers": layers, "golden": golden.as_dict()})
     s.report.add("accuracy", {"pfq_float": accuracy(s.pruned_model, test)})
     return s
 
@@ -167,7 +171,8 @@ def stage_export(s: State) -> State:
     images = s.data["test"].images[:GOLDEN_IMAGES]
     s.qonnx_path = export_qonnx(s.qmodel, images[:1], s.work / "model.qonnx.onnx")
     golden = golden_check("export (QONNX vs Brevitas)", predict(s.qmodel, images).numpy(),
-                          run_qonnx(s.qonnx_path, images.numpy()), atol=EXPORT_ATOL)
+                          run_qonnx(s.qonnx_path, images.numpy()), atol=EXPORT_ATOL,
+                          min_agreement=EXPORT_MIN_AGREEMENT, max_mismatch_fraction=EXPORT_MAX_FLIPPED)
     s.artefacts["model.qonnx.onnx"] = s.qonnx_path
     s.report.add("export", {"format": "QONNX", "file": s.qonnx_path.name, "bytes": s.qonnx_path.stat().st_size,
                             "golden": golden.as_dict()})
@@ -246,15 +251,12 @@ def compile_model(cfg: CompileConfig, log=None) -> Report:
     Raises PfqError subclasses (ProfileError, DataError, ModelError, GoldenCheckError, ToolchainError, OutputError)
     with one-line messages; nothing is left in ``cfg.out`` on failure.
     """
-    import torch
-
     from pfq_edge.io import staged_dir
     from pfq_edge.targets.profile import load_profile
     from pfq_edge.train import set_seed
 
     profile = load_profile(cfg.target)
     set_seed(cfg.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     with staged_dir(Path(cfg.out), force=cfg.force) as work:
         state = State(cfg=cfg, profile=profile, report=Report(cfg.model, profile.name), work=work)
         for stage in STAGES:

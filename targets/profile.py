@@ -84,6 +84,9 @@ def _parse(path: Path) -> Profile:
         raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"{path}: not valid TOML: {exc}") from None
+    folding = data.get("fpga", {}).get("folding_file") if isinstance(data.get("fpga"), dict) else None
+    if isinstance(folding, str):  # relative to the profile file, not to wherever the command runs
+        data["fpga"]["folding_file"] = str((path.parent / folding).resolve())
     try:
         return Profile(**data, source=str(path))
     except ValidationError as exc:

@@ -49,3 +49,16 @@ def test_board_capacity_from_finn():
     assert board_capacity("Pynq-Z1")["LUT"] == 53200
     with pytest.raises(ProfileError, match="unknown FPGA board"):
         board_capacity("Nope-Board")
+
+
+def test_folding_file_instead_of_target_fps(estimate, tmp_path, images):
+    """A PE/SIMD folding file (here FINN's own auto folding) reproduces the same cycles."""
+    profile, est = estimate
+    folding = tmp_path / "folding.json"
+    folding.write_text(json.dumps(est.folding))
+    fpga = profile.fpga.model_copy(update={"target_fps": None, "folding_file": str(folding)})
+    qm = quantize_model(randomize_bn(tiny_dscnn()), profile.quant)
+    calibrate(qm, images)
+    path = export_qonnx(qm, images[:1], tmp_path / "m.onnx")
+    again = finn_estimate(path, fpga, profile.quant.input_bit_width, tmp_path / "build")
+    assert again.max_cycles == est.max_cycles and again.critical_path_cycles == est.critical_path_cycles

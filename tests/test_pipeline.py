@@ -1,0 +1,39 @@
+"""Pipeline stages on the shipped model with planted constant filters (real data, no mocks)."""
+
+import copy
+import json
+
+import torch
+from torch import nn
+
+from conftest import plant_constant
+from pfq_edge.pipeline import CompileConfig, State, stage_prune
+from pfq_edge.report import Report
+from pfq_edge.targets.profile import load_profile
+from pfq_edge.zoo import load_model
+
+
+def test_prune_stage_reports_removed_filters_and_passes_its_golden_check(test_split, tmp_path):
+    model = copy.deepcopy(load_model("fashion-dscnn").module)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    plant_constant(convs[2], bns[2], [3, 40], [-0.2, -1.0])        # dead ReLU: exact
+    plant_constant(convs[-1], bns[-1], [7, 8, 9], [0.3, 0.6, 0.9])  # 1×1 conv → max pool → linear: exact
+    s = State(cfg=CompileConfig(model="planted", target="fpga", out=tmp_path / "o"), profile=load_profile("fpga"),
+              report=Report("planted", "fpga-pynq-z1"), work=tmp_path, data={"test": test_split.subset(2000)},
+              float_model=model)
+    s = stage_prune(s)
+    prune = s.report.stages["prune"]
+    assert prune["filters_removed"] == 5 and prune["exact"]
+    assert prune["golden"]["passed"] and prune["golden"]["max_abs_diff"] <= 1e-4
+    rows = {r["layer"]: r for r in prune["layers"]}
+    assert rows["6"]["channels_before"] == 64 and rows["6"]["channels_after"] == 62
+    assert rows["9"]["channels_after"] == 62  # the depthwise conv fed by them
+    assert rows["24"]["channels_after"] == 253 and rows["24"]["constant_filters"] == 3
+    assert s.pruned_model[-1].in_features == 253
+    doc = json.loads(s.report.to_json())
+    assert doc["stages"]["prune"]["groups"][0]["removals"][0]["conv"] == "6"
+    assert "Filters removed: **5**" in s.report.to_markdown()
+    with torch.no_grad():
+        x = test_split.images[:100]
+        assert torch.allclose(s.pruned_model(x), model(x), atol=1e-4)

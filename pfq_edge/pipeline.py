@@ -71,16 +71,30 @@ def stage_load(s: State) -> State:
     loaded = load_model(s.cfg.model, s.cfg.weights)
     s.float_model = loaded.module
     s.data = {"train": load_split("train", s.cfg.data_dir), "test": load_split("test", s.cfg.data_dir)}
-    shape = tuple(s.data["test"].images.shape[1:])
-    if shape != tuple(loaded.input_shape):
-        from pfq_edge.errors import ModelError
-
-        raise ModelError(f"model {s.cfg.model!r} expects input {loaded.input_shape}, the data is {shape}")
+    _check_io(s.float_model, s.cfg.model, s.data["test"].images[:2], num_classes=10)
     s.report.add("load", {"model": s.cfg.model, "weights": str(loaded.weights) if loaded.weights else None,
                           "parameters": sum(p.numel() for p in s.float_model.parameters()),
                           "train_images": len(s.data["train"]), "test_images": len(s.data["test"])})
     s.report.add("accuracy", {"float": accuracy(s.float_model, s.data["test"])})
     return s
+
+
+def _check_io(model, name: str, x, num_classes: int) -> None:
+    """The model must map (N, 1, 28, 28) images to (N, num_classes) logits; raises ModelError otherwise."""
+    import torch
+
+    from pfq_edge.errors import ModelError
+
+    try:
+        with torch.no_grad():
+            y = model(x)
+    except Exception as exc:
+        msg = " ".join(str(exc).split())[:160]
+        raise ModelError(f"model {name!r} fails on input of shape {tuple(x.shape)}: {msg}") from None
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (len(x), num_classes):
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ModelError(f"model {name!r} returns {shape} for input {tuple(x.shape)}; expected ({len(x)}, "
+                         f"{num_classes}) logits")
 
 
 def stage_prune(s: State) -> State:

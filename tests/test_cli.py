@@ -108,3 +108,8 @@ def test_targets_json():
     assert proc.returncode == 0
     names = {p["name"] for p in json.loads(proc.stdout)}
     assert {"fpga-pynq-z1", "fpga-zcu104"} <= names
+
+
+def test_model_with_wrong_input_or_output_is_refused(tmp_path):
+    proc = run("compile", "--target", "fpga", "--model", "torch.nn:Identity", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 4 and one_line_error(proc) and "expected" in proc.stderr

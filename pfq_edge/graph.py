@@ -34,7 +34,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     from torch.fx.passes.shape_prop import ShapeProp
 
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _LayerTracer().trace(model), model.__class__.__name__)
     except Exception as exc:
         msg = " ".join(str(exc).split())[:200]
         raise ModelError(f"cannot trace {type(model).__name__} with torch.fx: {msg}") from None
@@ -45,6 +45,14 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
         msg = " ".join(str(exc).split())[:200]
         raise ModelError(f"model fails on an input of shape {tuple(example.shape)}: {msg}") from None
     return gm
+
+
+class _LayerTracer(fx.Tracer):
+    """Keeps subclasses of Conv2d / BatchNorm / Linear (e.g. "same"-padding convs) as single layer nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.Linear)) or \
+            super().is_leaf_module(m, qualname)
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -116,6 +124,11 @@ def spatial_size(node: fx.Node) -> int:
 
 
 def is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """(N, C, H, W) → (N, C·H·W), however it is written (nn.Flatten, torch.flatten, .flatten, .view, .reshape)."""
+    if node.op == "call_method" and node.target in ("view", "reshape") and node.args:
+        src, dst = node.args[0].meta.get("tensor_meta"), node.meta.get("tensor_meta")
+        return (src is not None and dst is not None and len(src.shape) == 4 and len(dst.shape) == 2
+                and dst.shape[0] == src.shape[0])
     mod = module_of(gm, node)
     if isinstance(mod, nn.Flatten):
         return mod.start_dim == 1 and mod.end_dim == -1

@@ -109,10 +109,7 @@ def stage_prune(s: State) -> State:
     s.pruned_model = copy.deepcopy(s.float_model)
     gm = trace(s.pruned_model, test.images[:1])
     plan = plan_pfq(gm)
-    removed: dict[str, set[int]] = {}
-    for group in plan.groups:
-        for r in group.removals:
-            removed.setdefault(r.conv, set()).update(r.channels)
+    removed = plan.removed_by_layer()
     before = {}
     for chain in conv_chains(gm):
         conv = gm.get_submodule(chain.conv)

@@ -75,9 +75,18 @@ class PrunePlan:
     warnings: list[str] = field(default_factory=list)
     tol: float = DEFAULT_TOL
 
+    def removed_by_layer(self) -> dict[str, set[int]]:
+        """{conv name: output channels deleted}, over every group (producers, depthwise followers, unused feeders)."""
+        out: dict[str, set[int]] = {}
+        for g in self.groups:
+            for r in g.removals:
+                out.setdefault(r.conv, set()).update(r.channels)
+        return out
+
     @property
     def filters_removed(self) -> int:
-        return sum(len(g.channels) for g in self.groups)
+        """Filters deleted in all layers (a constant filter and the depthwise filter it feeds count as two)."""
+        return sum(len(c) for c in self.removed_by_layer().values())
 
     def as_dict(self) -> dict:
         return asdict(self) | {"filters_removed": self.filters_removed}
@@ -88,6 +97,9 @@ class _Unsupported(Exception):
 
 
 def _padded(conv: nn.Conv2d) -> bool:
+    """Does zero padding touch this conv's input? A Conv2d subclass may pad inside its forward: assume it does."""
+    if type(conv) is not nn.Conv2d:
+        return True
     pad = conv.padding
     return pad == "same" or (not isinstance(pad, str) and any(p > 0 for p in pad))
 
@@ -158,7 +170,7 @@ class _Walker:
 
     def _depthwise(self, node: fx.Node, mod: nn.Conv2d, index, values) -> None:
         chain = chain_from_conv(self.gm, node)
-        self._check_shared(chain.bn, chain.act if chain.act_fn is not None and chain.out.op == "call_module" else None)
+        self._check_shared(chain.bn)  # activations are stateless: one module called twice is harmless
         channels = [i for c in index for i in index[c]]
         if len(channels) != len(index):
             raise _Unsupported(f"depthwise conv {node.target!r} after a flatten")
@@ -202,7 +214,7 @@ def plan_pfq(gm: fx.GraphModule, tol: float = DEFAULT_TOL) -> PrunePlan:
 def _plan(gm: fx.GraphModule, tol: float) -> PrunePlan:
     plan = PrunePlan(tol=tol)
     shared = {name for name, n in call_counts(gm).items() if n > 1}
-    removed: dict[str, set[int]] = {}
+    removed: dict[str, set[int]] = {}  # channels already deleted through an earlier group
     for chain in conv_chains(gm):
         if chain.bn is None:
             continue

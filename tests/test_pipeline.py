@@ -24,7 +24,7 @@ def test_prune_stage_reports_removed_filters_and_passes_its_golden_check(test_sp
               float_model=model)
     s = stage_prune(s)
     prune = s.report.stages["prune"]
-    assert prune["filters_removed"] == 5 and prune["exact"]
+    assert prune["filters_removed"] == 7 and prune["exact"]  # 2 + the 2 depthwise they feed + 3
     assert prune["golden"]["passed"] and prune["golden"]["max_abs_diff"] <= 1e-4
     rows = {r["layer"]: r for r in prune["layers"]}
     assert rows["6"]["channels_before"] == 64 and rows["6"]["channels_after"] == 62
@@ -33,7 +33,7 @@ def test_prune_stage_reports_removed_filters_and_passes_its_golden_check(test_sp
     assert s.pruned_model[-1].in_features == 253
     doc = json.loads(s.report.to_json())
     assert doc["stages"]["prune"]["groups"][0]["removals"][0]["conv"] == "6"
-    assert "Filters removed: **5**" in s.report.to_markdown()
+    assert "Filters removed: **7**" in s.report.to_markdown()
     with torch.no_grad():
         x = test_split.images[:100]
         assert torch.allclose(s.pruned_model(x), model(x), atol=1e-4)

@@ -38,7 +38,7 @@ def test_dead_relu_filters_are_removed_exactly(images):
     convs, bns = _layers(model)
     plant_constant(convs[2], bns[2], [1, 5, 7], [-0.3, -1.0, 0.0])  # pointwise, ReLU(β ≤ 0) = 0
     pruned, plan = _prune(model, images)
-    assert plan.filters_removed == 3 and all(g.exact for g in plan.groups)
+    assert plan.filters_removed == 6 and all(g.exact for g in plan.groups)  # 3 pointwise + the 3 depthwise they feed
     assert pruned[6].out_channels == 13 and pruned[7].num_features == 13
     # the depthwise conv behind them loses the same channels, the next pointwise its inputs
     assert pruned[9].in_channels == pruned[9].out_channels == pruned[9].groups == 13
@@ -69,7 +69,7 @@ def test_depthwise_constant_filter_removes_its_unused_input_channel(images):
     convs, bns = _layers(model)
     plant_constant(convs[1], bns[1], [2], [-0.5])  # depthwise filter 2 is dead
     pruned, plan = _prune(model, images)
-    assert plan.filters_removed == 1
+    assert plan.filters_removed == 2  # the dead depthwise filter and the stem filter that only it read
     assert pruned[0].out_channels == 7 and pruned[3].groups == 7 and pruned[6].in_channels == 7
     with torch.no_grad():
         assert torch.allclose(pruned(images), model(images), atol=1e-5)
@@ -125,7 +125,7 @@ def test_inverted_residual_block(images):
     model = randomize_bn(InvertedResidual().eval())
     plant_constant(model.expand, model.bn1, [2, 5, 11], [0.5, 7.0, 1.0])  # β > 0 (ReLU6 clips 7 to 6)
     pruned, plan = _prune(model, images)
-    assert plan.filters_removed == 3
+    assert plan.filters_removed == 6  # 3 expand + 3 depthwise
     assert (pruned.expand.out_channels, pruned.bn1.num_features) == (21, 21)
     assert pruned.dw.in_channels == pruned.dw.out_channels == pruned.dw.groups == 21 and pruned.bn2.num_features == 21
     assert pruned.project.in_channels == 21 and pruned.project.out_channels == 8 and pruned.bn3.num_features == 8

@@ -63,20 +63,66 @@ def range_stats(w: torch.Tensor, bits: int) -> RangeStats:
 
 
 @dataclass
-class LayerAnalysis:
-    """One conv → BN chain: its channel counts and what PfQ finds in it."""
+class PfqAnalysis:
+    """What PfQ finds and does in one model: per-layer ``layers`` rows, the ``plan``, and the accounting of every
+    constant filter (removed, or left with a reason)."""
 
-    layer: str
-    bn: str | None
-    kind: str                      # "dense", "depthwise" or "grouped"
-    channels: int
-    constant: list[int] = field(default_factory=list)
-    inflating: list[int] = field(default_factory=list)
-    range_before: RangeStats | None = None
+    layers: list[dict]
+    plan: object                      # prune.PrunePlan
+    bits: int
+    constant_total: int
+    constant_removed: int
+    constant_left: list[dict]         # {"layer", "filters", "reason"}
 
     def as_dict(self) -> dict:
-        return {
-            "layer": self.layer, "bn": self.bn, "kind": self.kind, "channels": self.channels,
-            "constant_filters": len(self.constant), "range_inflating_filters": len(self.inflating),
-            "folded_max_abs": self.range_before.max_abs if self.range_before else None,
-        }
+        return {"bits": self.bits, "tol": self.plan.tol, "constant_total": self.constant_total,
+                "constant_removed": self.constant_removed, "constant_left": self.constant_left,
+                "filters_removed": self.plan.filters_removed, "layers": self.layers, **{
+                    k: v for k, v in self.plan.as_dict().items() if k in ("groups", "skipped", "warnings")}}
+
+
+def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: float = DEFAULT_TOL):
+    """Plan PfQ on ``model`` and apply it to a copy; returns (pruned copy, PfqAnalysis). ``model`` is untouched.
+
+    example: one input (1, C, H, W) for tracing and shapes. bits: weight bit width for the per-tensor step and the
+    share of weights that round to zero, before and after. Raises ModelError if the model cannot be traced.
+    Method: arXiv:2011.06751 as read in shared/design.md §2–3.
+    """
+    import copy
+
+    from pfq_edge.graph import conv_chains, is_depthwise, trace
+    from pfq_edge.prune import apply_plan, plan_pfq
+
+    pruned = copy.deepcopy(model).eval()
+    gm = trace(pruned, example)
+    plan = plan_pfq(gm, tol)
+    removed = plan.removed_by_layer()
+    skipped = {sk.layer: sk.reason for sk in plan.skipped}
+    rows, left = [], []
+    for chain in conv_chains(gm):
+        conv = gm.get_submodule(chain.conv)
+        bn = gm.get_submodule(chain.bn) if chain.bn else None
+        const = set(torch.nonzero(constant_mask(bn, tol)).flatten().tolist()) if bn is not None else set()
+        gone = removed.get(chain.conv, set())
+        stats = range_stats(folded_weight(conv, bn), bits)
+        rows.append({
+            "layer": chain.conv, "bn": chain.bn,
+            "kind": "depthwise" if is_depthwise(conv) else ("dense" if conv.groups == 1 else "grouped"),
+            "channels_before": conv.out_channels, "constant_filters": len(const), "removed_filters": len(gone),
+            "range_inflating_filters": int(inflating_mask(bn, tol).sum()) if bn is not None else 0,
+            "folded_max_abs_before": stats.max_abs, "step_before": stats.step, "zero_fraction_before":
+                stats.zero_fraction,
+        })
+        if const - gone:
+            reason = skipped.get(chain.conv) or next((w for w in plan.warnings if repr(chain.conv) in w), None) \
+                or "not reached by any removal"
+            left.append({"layer": chain.conv, "filters": len(const - gone), "reason": reason})
+    apply_plan(pruned, plan)
+    for row in rows:
+        conv = pruned.get_submodule(row["layer"])
+        bn = pruned.get_submodule(row["bn"]) if row["bn"] else None
+        stats = range_stats(folded_weight(conv, bn), bits)
+        row.update({"channels_after": conv.out_channels, "folded_max_abs_after": stats.max_abs,
+                    "step_after": stats.step, "zero_fraction_after": stats.zero_fraction})
+    total = sum(r["constant_filters"] for r in rows)
+    return pruned, PfqAnalysis(rows, plan, bits, total, total - sum(x["filters"] for x in left), left)

@@ -88,6 +88,22 @@ class PrunePlan:
         """Filters deleted in all layers (a constant filter and the depthwise filter it feeds count as two)."""
         return sum(len(c) for c in self.removed_by_layer().values())
 
+    def structure(self) -> dict:
+        """The pruned shapes as plain data: output channels removed per conv ("out"), inputs removed per consumer
+        ("in"), channels removed per BN ("bn"), consumers that gained a bias ("bias_added")."""
+        bns: dict[str, set[int]] = {}
+        ins: dict[str, set[int]] = {}
+        for g in self.groups:
+            for r in g.removals:
+                if r.bn is not None:
+                    bns.setdefault(r.bn, set()).update(r.channels)
+            for c in g.compensations:
+                ins.setdefault(c.module, set()).update(c.inputs)
+        added = sorted({c.module for g in self.groups for c in g.compensations if c.target == "new_bias"})
+        return {"out": {k: sorted(v) for k, v in self.removed_by_layer().items()},
+                "in": {k: sorted(v) for k, v in ins.items()},
+                "bn": {k: sorted(v) for k, v in bns.items()}, "bias_added": added}
+
     def as_dict(self) -> dict:
         return asdict(self) | {"filters_removed": self.filters_removed}
 
@@ -282,20 +298,25 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
         for group in plan.groups:
             for comp in group.compensations:
                 _compensate(model, comp)
-        out_remove: dict[str, set[int]] = {}
-        in_remove: dict[str, set[int]] = {}
-        bn_remove: dict[str, set[int]] = {}
-        for group in plan.groups:
-            for r in group.removals:
-                out_remove.setdefault(r.conv, set()).update(r.channels)
-                if r.bn is not None:
-                    bn_remove.setdefault(r.bn, set()).update(r.channels)
-            for comp in group.compensations:
-                in_remove.setdefault(comp.module, set()).update(comp.inputs)
-        for name in sorted(set(out_remove) | set(in_remove)):
-            _slice_layer(model.get_submodule(name), out_remove.get(name, set()), in_remove.get(name, set()))
-        for name, drop in bn_remove.items():
-            _slice_bn(model.get_submodule(name), drop)
+    return apply_structure(model, plan.structure())
+
+
+def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
+    """Give ``model``'s layers the pruned shapes in ``structure`` (``PrunePlan.structure()``), in place.
+
+    Used by ``apply_plan`` and to rebuild a saved pruned model before loading its weights. Raises KeyError if a
+    named module does not exist.
+    """
+    with torch.no_grad():
+        for name in structure.get("bias_added", []):
+            mod = model.get_submodule(name)
+            if mod.bias is None:
+                mod.bias = nn.Parameter(torch.zeros(mod.weight.shape[0]))
+        outs, ins = structure.get("out", {}), structure.get("in", {})
+        for name in sorted(set(outs) | set(ins)):
+            _slice_layer(model.get_submodule(name), set(outs.get(name, [])), set(ins.get(name, [])))
+        for name, drop in structure.get("bn", {}).items():
+            _slice_bn(model.get_submodule(name), set(drop))
     return model
 
 
@@ -305,12 +326,12 @@ def _compensate(model: nn.Module, comp: Compensation) -> None:
     vals = torch.tensor(comp.values, dtype=w.dtype)
     cols = w[:, comp.inputs]
     delta = (cols.sum(dim=tuple(range(2, cols.dim()))) * vals).sum(1) if cols.dim() > 2 else cols @ vals
-    if comp.target == "bias":
-        mod.bias.add_(delta)
-    elif comp.target == "bn_mean":
+    if comp.target == "bn_mean":
         model.get_submodule(comp.bn).running_mean.sub_(delta)
-    else:
-        mod.bias = nn.Parameter(delta.clone())
+        return
+    if mod.bias is None:  # "new_bias": a bias-free consumer without BN gets one
+        mod.bias = nn.Parameter(torch.zeros_like(delta))
+    mod.bias.add_(delta)
 
 
 def _keep(n: int, drop: set[int]) -> torch.Tensor:

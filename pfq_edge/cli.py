@@ -83,6 +83,125 @@ def _print_summary(report, out: Path) -> None:
     console.print(f"output: {out}/ (report.md, report.json, {report.stages['package']['archive']})")
 
 
+def _bits_for(target: str, bits: Optional[int]) -> int:
+    from pfq_edge.targets.profile import load_profile
+
+    return bits if bits is not None else load_profile(target).quant.weight_bit_width
+
+
+@app.command("analyze")
+def analyze_cmd(
+    model: str = typer.Argument(..., help="Zoo name (e.g. efficientnet-lite0), package.module:factory, or a pruned "
+                                          ".safetensors file."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for a module:factory model."),
+    target: str = typer.Option("fpga", "--target", "-t", help="Profile whose weight bit width sets the step."),
+    bits: Optional[int] = typer.Option(None, "--bits", min=2, max=8, help="Weight bit width (overrides --target)."),
+    tol: float = typer.Option(1e-6, "--tol", min=0.0, help="Post-BN std at or below which a filter is constant."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of folded-weight range per layer."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
+) -> None:
+    """Per layer: constant filters (pruned by PfQ), σ²≤ε filters that still carry signal (reported, kept),
+    folded-weight range, per-tensor step and share of weights rounding to 0, before and after PfQ."""
+    import torch
+
+    from pfq_edge.analysis import analyze_pfq
+    from pfq_edge.zoo import load_model
+
+    loaded = load_model(model, weights)
+    _, analysis = analyze_pfq(loaded.module, torch.zeros(1, *loaded.input_shape), bits=_bits_for(target, bits), tol=tol)
+    if plot is not None:
+        from pfq_edge.plots import plot_folded_ranges
+
+        plot_folded_ranges(analysis.layers, f"{model}: folded weight range before/after PfQ", plot)
+    if as_json:
+        typer.echo(json.dumps({"model": model, **analysis.as_dict()}, indent=2))
+        return
+    _print_analysis(model, analysis, plot)
+
+
+def _print_analysis(model: str, a, plot: Optional[Path]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"PfQ analysis: {model} (W{a.bits} per-tensor step)")
+    for col in ("layer", "kind", "ch", "const", "removed", "σ²≤ε kept", "max|W'| before→after",
+                "→0 before→after"):
+        table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
+    for r in a.layers:
+        table.add_row(r["layer"], r["kind"], f"{r['channels_before']}→{r['channels_after']}",
+                      str(r["constant_filters"]), str(r["removed_filters"]), str(r["range_inflating_filters"]),
+                      f"{r['folded_max_abs_before']:.3g}→{r['folded_max_abs_after']:.3g}",
+                      f"{r['zero_fraction_before']:.0%}→{r['zero_fraction_after']:.0%}")
+    console = Console()
+    console.print(table)
+    console.print(f"constant filters (post-BN std ≤ {a.plan.tol:g}): {a.constant_total}; removed {a.constant_removed}; "
+                  f"left {a.constant_total - a.constant_removed}. Filters removed in all layers: "
+                  f"{a.plan.filters_removed}.")
+    for left in a.constant_left:
+        console.print(f"  left in {left['layer']}: {left['filters']} — {left['reason']}")
+    for w in a.plan.warnings:
+        console.print(f"  warning: {w}")
+    if plot is not None:
+        console.print(f"plot: {plot}")
+
+
+@app.command("prune")
+def prune_cmd(
+    model: str = typer.Argument(..., help="Zoo name or package.module:factory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Pruned model file (.safetensors)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for a module:factory model."),
+    tol: float = typer.Option(1e-6, "--tol", min=0.0, help="Post-BN std at or below which a filter is constant."),
+    check: int = typer.Option(0, "--check", min=0, help="Compare pruned vs original logits on this many "
+                                                         "Fashion-MNIST test images (adapted to the model's input)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
+) -> None:
+    """Remove constant filters with compensation and write the pruned model (safetensors; reload it anywhere a
+    model is expected, e.g. `pfq-edge analyze FILE`)."""
+    import torch
+
+    from pfq_edge.analysis import analyze_pfq
+    from pfq_edge.errors import OutputError
+    from pfq_edge.export.pruned import save_pruned
+    from pfq_edge.zoo import load_model
+
+    if out.suffix != ".safetensors":
+        raise OutputError(f"--out must end in .safetensors, got {out}")
+    loaded = load_model(model, weights)
+    pruned, analysis = analyze_pfq(loaded.module, torch.zeros(1, *loaded.input_shape), tol=tol)
+    result = {"model": model, "out": str(out), "filters_removed": analysis.plan.filters_removed,
+              "constant_total": analysis.constant_total, "constant_left": analysis.constant_left,
+              "exact": all(g.exact for g in analysis.plan.groups)}
+    if check:
+        result["check"] = _compare_on_images(loaded, pruned, check, data_dir)
+    try:
+        save_pruned(pruned, analysis.plan, model, out, source_weights=loaded.weights)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror}") from None
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"constant filters: {analysis.constant_total} found, {analysis.constant_removed} removed; filters "
+               f"removed in all layers: {result['filters_removed']}; wrote {out}")
+    if check:
+        c = result["check"]
+        typer.echo(f"on {c['images']} real images: max |Δlogit| {c['max_abs_diff']:.3g}, top-1 agreement "
+                   f"{c['argmax_agreement']:.2%}")
+
+
+def _compare_on_images(loaded, pruned, n: int, data_dir: Optional[Path]) -> dict:
+    import torch
+
+    from pfq_edge.data import adapt_images, load_split
+    from pfq_edge.train import predict
+
+    images = adapt_images(load_split("test", data_dir).images[:n], loaded.input_shape,
+                          bool(loaded.info.get("imagenet_norm")))
+    ref, out = predict(loaded.module, images, batch_size=50), predict(pruned, images, batch_size=50)
+    return {"images": len(images), "max_abs_diff": float((ref - out).abs().max()),
+            "argmax_agreement": float((ref.argmax(1) == out.argmax(1)).float().mean())}
+
+
 @app.command("targets")
 def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List the built-in target profiles with their key facts."""

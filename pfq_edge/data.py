@@ -92,3 +92,24 @@ def load_split(split: str, data_dir: Path | str | None = None) -> Split:
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     y = torch.from_numpy(labels.astype(np.int64))
     return Split(x, y)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def adapt_images(images, shape: tuple[int, int, int], imagenet_norm: bool = False):
+    """Fashion-MNIST images (N, 1, 28, 28) in [0, 1] as inputs of another shape (C, H, W): bilinear resize, the
+    gray channel repeated C times, optionally ImageNet mean/std normalisation. Returns float32 (N, C, H, W)."""
+    import torch
+    from torch.nn import functional as F
+
+    c, h, w = shape
+    x = images if tuple(images.shape[2:]) == (h, w) else F.interpolate(images, size=(h, w), mode="bilinear",
+                                                                        align_corners=False)
+    x = x.repeat(1, c, 1, 1) if c != x.shape[1] else x
+    if imagenet_norm and c == 3:
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        x = (x - mean) / std
+    return x.contiguous()

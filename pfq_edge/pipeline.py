@@ -99,44 +99,18 @@ def _check_io(model, name: str, x, num_classes: int) -> None:
 
 def stage_prune(s: State) -> State:
     """PfQ: find constant filters, remove them with compensation, golden-check the pruned float model."""
-    from pfq_edge.analysis import folded_weight, inflating_mask, post_bn_std
+    from pfq_edge.analysis import analyze_pfq
     from pfq_edge.golden import golden_check
-    from pfq_edge.graph import conv_chains, is_depthwise, trace
-    from pfq_edge.prune import apply_plan, plan_pfq
     from pfq_edge.train import accuracy, predict
 
     test = s.data["test"]
-    s.pruned_model = copy.deepcopy(s.float_model)
-    gm = trace(s.pruned_model, test.images[:1])
-    plan = plan_pfq(gm)
-    removed = plan.removed_by_layer()
-    before = {}
-    for chain in conv_chains(gm):
-        conv = gm.get_submodule(chain.conv)
-        bn = gm.get_submodule(chain.bn) if chain.bn else None
-        before[chain.conv] = {
-            "layer": chain.conv, "kind": "depthwise" if is_depthwise(conv) else ("dense" if conv.groups == 1 else
-                                                                                 "grouped"),
-            "channels_before": conv.out_channels,
-            "constant_filters": int((post_bn_std(bn) <= plan.tol).sum()) if bn is not None else 0,
-            "removed_filters": len(removed.get(chain.conv, ())),
-            "range_inflating_filters": int(inflating_mask(bn, plan.tol).sum()) if bn is not None else 0,
-            "folded_max_abs_before": float(folded_weight(conv, bn).abs().max()),
-            "bn": chain.bn,
-        }
-    apply_plan(s.pruned_model, plan)
-    layers = []
-    for name, row in before.items():
-        conv = s.pruned_model.get_submodule(name)
-        bn = s.pruned_model.get_submodule(row["bn"]) if row["bn"] else None
-        layers.append({**row, "channels_after": conv.out_channels,
-                       "folded_max_abs_after": float(folded_weight(conv, bn).abs().max())})
-    exact = all(g.exact for g in plan.groups)
+    s.pruned_model, analysis = analyze_pfq(s.float_model, test.images[:1], bits=s.profile.quant.weight_bit_width)
+    exact = all(g.exact for g in analysis.plan.groups)
     ref, out = predict(s.float_model, test.images).numpy(), predict(s.pruned_model, test.images).numpy()
     golden = golden_check("prune (PfQ float vs original float)", ref, out,
                           atol=PRUNE_EXACT_ATOL if exact else None,
                           min_agreement=1.0 if exact else PRUNE_APPROX_AGREEMENT)
-    s.report.add("prune", {**plan.as_dict(), "exact": exact, "layers": layers, "golden": golden.as_dict()})
+    s.report.add("prune", {**analysis.as_dict(), "exact": exact, "golden": golden.as_dict()})
     s.report.add("accuracy", {"pfq_float": accuracy(s.pruned_model, test)})
     return s
 

@@ -63,9 +63,12 @@ def render_markdown(doc: dict) -> str:
                 f"({'exact' if prune.get('exact') else 'approximate at zero-padded borders'}).", ""]
         rows = [[r["layer"], r["kind"], r["channels_before"], r["channels_after"], r["constant_filters"],
                  r["removed_filters"], r["range_inflating_filters"], f"{r['folded_max_abs_before']:.3g}",
-                 f"{r['folded_max_abs_after']:.3g}"] for r in prune.get("layers", [])]
-        out += [_table(["layer", "kind", "channels before", "after", "constant filters", "filters removed",
-                        "σ²≤ε but informative", "folded max|W| before", "after"], rows), "",
+                 f"{r['folded_max_abs_after']:.3g}", f"{r['zero_fraction_before']:.1%}",
+                 f"{r['zero_fraction_after']:.1%}"] for r in prune.get("layers", [])]
+        out += [f"Folded-weight range (max |W'|) and the share of weights that round to 0 with a per-tensor "
+                f"{prune.get('bits')}-bit step, before and after PfQ:", "",
+                _table(["layer", "kind", "channels before", "after", "constant filters", "filters removed",
+                        "σ²≤ε but informative", "folded max|W'| before", "after", "→0 before", "after"], rows), "",
                 "Filters removed include depthwise channels fed by a removed filter and filters whose only reader "
                 "was a removed depthwise channel.", ""]
         for sk in prune.get("skipped", []):

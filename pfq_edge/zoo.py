@@ -87,7 +87,7 @@ def _zoo() -> dict[str, ZooEntry]:
         ),
         "efficientnet-lite0": ZooEntry(
             "efficientnet-lite0", efficientnet_lite0, _efficientnet_lite0_weights(), (3, 224, 224),
-            {"dataset": "ImageNet", "licence": "Apache-2.0", "normalisation": "ImageNet mean/std"}, 1000,
+            {"dataset": "ImageNet", "licence": "Apache-2.0", "imagenet_norm": True}, 1000,
         ),
     }
 
@@ -154,30 +154,24 @@ def _factory_from_spec(spec: str):
     return factory
 
 
-def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None,
-               input_shape: tuple[int, int, int] = (1, 28, 28)) -> LoadedModel:
-    """Build model ``spec`` (zoo name or ``module:factory``) and load ``weights`` (default: the zoo's shipped ones).
-
-    Raises ModelError if the name is unknown, the factory fails, or the weights are unreadable or do not match.
-    """
-    import torch
-
+def _resolve(spec: str) -> ZooEntry:
+    """The zoo entry for ``spec``, or an ad-hoc entry for ``module:factory`` (Fashion-MNIST-shaped input)."""
     zoo = _zoo()
-    num_classes = 10
-    if spec in zoo:
-        entry = zoo[spec]
-        factory, input_shape, info, num_classes = entry.factory, entry.input_shape, dict(entry.info), entry.num_classes
-        weights = weights if weights is not None else entry.weights
-    else:
-        factory, info = _factory_from_spec(spec), {}
-    try:
-        module = factory()
-    except ModelError:
-        raise
-    except Exception as exc:
-        raise ModelError(f"model factory {spec!r} failed: {exc}") from None
-    if not isinstance(module, torch.nn.Module):
-        raise ModelError(f"model factory {spec!r} returned {type(module).__name__}, not a torch.nn.Module")
+    return zoo[spec] if spec in zoo else ZooEntry(spec, _factory_from_spec(spec), None, (1, 28, 28))
+
+
+def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None) -> LoadedModel:
+    """Build model ``spec`` and load ``weights`` (default: the zoo's shipped ones); eval mode.
+
+    spec: a zoo name (``zoo_names()``), ``package.module:factory``, or a ``.safetensors`` file written by
+    ``pfq-edge prune``. Raises ModelError if the name is unknown, the factory fails, or the weights are unreadable
+    or do not match.
+    """
+    if str(spec).endswith(".safetensors") and Path(spec).is_file():
+        return load_pruned(Path(spec))
+    entry = _resolve(spec)
+    module = _build(entry.factory, spec)
+    weights = weights if weights is not None else entry.weights
     if weights is not None:
         state = load_weights(Path(weights))
         try:
@@ -186,4 +180,58 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None,
             detail = " ".join(str(exc).split())[:300]
             raise ModelError(f"weights {weights} do not match model {spec!r}: {detail}") from None
     module.eval()
-    return LoadedModel(spec, module, tuple(input_shape), Path(weights) if weights else None, info, num_classes)
+    return LoadedModel(spec, module, entry.input_shape, Path(weights) if weights else None, dict(entry.info),
+                       entry.num_classes)
+
+
+def pruned_metadata(path: Path) -> dict | None:
+    """The pfq-edge metadata of a safetensors file, or None if it is not a saved pruned model."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:
+        raise ModelError(f"cannot read safetensors file {path}: {str(exc).splitlines()[0]}") from None
+    return meta if meta.get("format") == "pfq-edge-pruned" else None
+
+
+def load_pruned(path: Path) -> LoadedModel:
+    """Rebuild a model saved by ``pfq-edge prune``: original architecture, pruned shapes, pruned weights.
+
+    Raises ModelError if the file is not a pfq-edge pruned model or does not fit the architecture it names.
+    """
+    from pfq_edge.prune import apply_structure
+
+    meta = pruned_metadata(path)
+    if meta is None:
+        raise ModelError(f"{path} is a safetensors file but not a pfq-edge pruned model; pass it as --weights")
+    entry = _resolve(meta["model"])
+    module = _build(entry.factory, meta["model"])
+    try:
+        apply_structure(module, json.loads(meta["structure"]))
+    except (KeyError, AttributeError, IndexError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: its pruning structure does not fit model {meta['model']!r}: {exc}") from None
+    state = load_weights(path)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{path}: weights do not fit the pruned {meta['model']!r}: {' '.join(str(exc).split())[:200]}"
+                         ) from None
+    module.eval()
+    info = {**entry.info, "pruned_from": meta["model"], "filters_removed": int(meta.get("filters_removed", 0))}
+    return LoadedModel(str(path), module, entry.input_shape, Path(path), info, entry.num_classes)
+
+
+def _build(factory, name: str):
+    import torch
+
+    try:
+        module = factory()
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"model factory {name!r} failed: {exc}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise ModelError(f"model factory {name!r} returned {type(module).__name__}, not a torch.nn.Module")
+    return module

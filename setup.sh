@@ -4,7 +4,7 @@
 #   2. a virtual environment .venv with the pinned dependency set (constraints.txt; torch 2.13.0 CPU wheel),
 #   3. finn-plus 1.6.1 and mip without their dependencies (finn-plus pins brevitas 0.13.0, broken on torch 2.13;
 #      mip would pull a 600 MB solver the FINN estimate flow never calls),
-#   4. pfq-edge itself, editable, with its test extra.
+#   4. pfq-edge itself, editable, with its test and efficientnet extras.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -23,7 +23,7 @@ fi
 echo "setup: creating .venv and installing the pinned dependency set (about 2 minutes)" >&2
 python3 -m venv .venv
 pip=(.venv/bin/pip --disable-pip-version-check -q)
-"${pip[@]}" install -c constraints.txt -e ".[test]"
+"${pip[@]}" install -c constraints.txt -e ".[test,efficientnet]"
 "${pip[@]}" install -c constraints.txt --no-deps finn-plus mip
 echo "$want" > "$stamp"
 echo "setup: done" >&2

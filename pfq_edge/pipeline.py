@@ -240,7 +240,10 @@ def compile_model(cfg: CompileConfig, log=None) -> Report:
     from pfq_edge.targets.profile import load_profile
     from pfq_edge.train import set_seed
 
+    from pfq_edge.targets.fit import check_fpga_profile
+
     profile = load_profile(cfg.target)
+    check_fpga_profile(profile)
     set_seed(cfg.seed)
     with staged_dir(Path(cfg.out), force=cfg.force) as work:
         state = State(cfg=cfg, profile=profile, report=Report(cfg.model, profile.name), work=work)

@@ -19,6 +19,24 @@ def board_capacity(board: str) -> dict[str, int]:
     return dict(zip(CAPACITY_FIELDS, platforms[board]().compute_resources[0]))
 
 
+def check_fpga_profile(profile) -> None:
+    """Before any work: FINN must know the profile's board (for its capacity), and the part must be that board's.
+
+    Raises ProfileError naming the key and the profile file.
+    """
+    from finn.util.basic import part_map
+
+    where = f" in {profile.source}" if profile.source else ""
+    try:
+        board_capacity(profile.fpga.board)
+    except ProfileError as exc:
+        raise ProfileError(f"key 'fpga.board'{where}: {exc}") from None
+    expected = part_map.get(profile.fpga.board)
+    if expected is not None and expected != profile.fpga.part:
+        raise ProfileError(f"key 'fpga.part'{where}: {profile.fpga.part!r} is not the FPGA of board "
+                           f"{profile.fpga.board!r} ({expected})")
+
+
 def fpga_verdicts(estimate, profile) -> dict:
     """Fit (every resource ≤ max_utilization × capacity) and latency (≤ budget) verdicts for a FinnEstimate.
 

@@ -58,3 +58,17 @@ def test_invalid_toml(tmp_path):
     f.write_text("name = ")
     with pytest.raises(ProfileError, match="not valid TOML"):
         load_profile(str(f))
+
+
+@pytest.mark.parametrize("old,new,key", [
+    ('board = "Pynq-Z1"', 'board = "Nope-Board"', "fpga.board"),
+    ('part = "xc7z020clg400-1"', 'part = "xc7z999"', "fpga.part"),
+])
+def test_unknown_board_or_wrong_part_is_refused_before_any_work(tmp_path, old, new, key):
+    from pfq_edge.targets.fit import check_fpga_profile
+
+    f = tmp_path / "bad.toml"
+    f.write_text(GOOD.replace(old, new))
+    with pytest.raises(ProfileError) as exc:
+        check_fpga_profile(load_profile(str(f)))
+    assert key in str(exc.value) and str(f) in str(exc.value)

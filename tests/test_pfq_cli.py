@@ -1,0 +1,91 @@
+"""`pfq-edge analyze` / `pfq-edge prune` as a user runs them, and the pruned model file round trip."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import plant_constant
+from pfq_edge.analysis import analyze_pfq
+from pfq_edge.export.pruned import save_pruned
+from pfq_edge.zoo import load_model
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "pfq_edge", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture()
+def planted_weights(tmp_path):
+    """The shipped model with 4 dead and 2 positive-constant filters, saved as safetensors."""
+    from safetensors.torch import save_file
+
+    model = load_model("fashion-dscnn").module
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    plant_constant(convs[4], bns[4], [0, 1, 2, 3], [-0.1, -0.2, -0.3, -0.4])
+    plant_constant(convs[6], bns[6], [5, 6], [0.2, 0.4])
+    path = tmp_path / "planted.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_analyze_json_and_plot(planted_weights, tmp_path):
+    plot = tmp_path / "ranges.png"
+    proc = run("analyze", "pfq_edge.zoo:fashion_dscnn", "--weights", str(planted_weights), "--bits", "3",
+               "--plot", str(plot), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["bits"] == 3 and doc["constant_total"] == 6 and doc["constant_removed"] == 6
+    rows = {r["layer"]: r for r in doc["layers"]}
+    assert rows["12"]["constant_filters"] == 4 and rows["12"]["channels_after"] == 124
+    assert rows["15"]["channels_after"] == 124  # the depthwise conv behind them
+    assert rows["18"]["channels_after"] == 126
+    r = rows["12"]
+    assert r["step_before"] == pytest.approx(r["folded_max_abs_before"] / 3)  # 3-bit symmetric: 2^2 - 1 levels
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prune_writes_a_model_that_reloads_exactly(planted_weights, tmp_path, images):
+    out = tmp_path / "pruned.safetensors"
+    proc = run("prune", "pfq_edge.zoo:fashion_dscnn", "--weights", str(planted_weights), "-o", str(out),
+               "--check", "300", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["filters_removed"] == 12 and doc["constant_total"] == 6
+    assert doc["check"]["images"] == 300 and doc["check"]["argmax_agreement"] >= 0.99
+    reloaded = load_model(str(out)).module
+    original = load_model("pfq_edge.zoo:fashion_dscnn", weights=planted_weights).module
+    pruned, _ = analyze_pfq(original, images[:1])
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), pruned(images))
+    assert reloaded[12].out_channels == 124 and reloaded[18].out_channels == 126
+    # the reloaded model is analysed like any other (nothing constant left)
+    proc = run("analyze", str(out), "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["constant_total"] == 0
+
+
+def test_prune_refuses_bad_output_name(tmp_path):
+    proc = run("prune", "fashion-dscnn", "-o", str(tmp_path / "x.pt"))
+    assert proc.returncode == 8 and proc.stderr.startswith("pfq-edge: error:") and ".safetensors" in proc.stderr
+
+
+def test_plain_safetensors_is_not_a_pruned_model(tmp_path):
+    from pfq_edge.errors import ModelError
+    from pfq_edge.zoo import WEIGHTS_DIR
+
+    with pytest.raises(ModelError, match="not a pfq-edge pruned model"):
+        load_model(str(WEIGHTS_DIR / "fashion-dscnn.safetensors"))
+
+
+def test_save_pruned_records_spec_and_structure(tmp_path, images):
+    from pfq_edge.zoo import pruned_metadata
+
+    model = load_model("fashion-dscnn").module
+    pruned, analysis = analyze_pfq(model, images[:1])
+    path = save_pruned(pruned, analysis.plan, "fashion-dscnn", tmp_path / "p.safetensors")
+    meta = pruned_metadata(path)
+    assert meta["model"] == "fashion-dscnn" and json.loads(meta["structure"])["out"] == {}

@@ -72,13 +72,14 @@ class PfqAnalysis:
     bits: int
     constant_total: int
     constant_removed: int
-    constant_left: list[dict]         # {"layer", "filters", "reason"}
+    constant_left: list[dict]         # {"layer", "filters", "reason"}: neutralized (reason "kept for shape") or not
 
     def as_dict(self) -> dict:
         return {"bits": self.bits, "tol": self.plan.tol, "constant_total": self.constant_total,
                 "constant_removed": self.constant_removed, "constant_left": self.constant_left,
                 "filters_removed": self.plan.filters_removed, "layers": self.layers, **{
-                    k: v for k, v in self.plan.as_dict().items() if k in ("groups", "skipped", "warnings")}}
+                    k: v for k, v in self.plan.as_dict().items()
+                    if k in ("groups", "neutralized", "skipped", "warnings")}}
 
 
 def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: float = DEFAULT_TOL):
@@ -97,7 +98,8 @@ def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: flo
     gm = trace(pruned, example)
     plan = plan_pfq(gm, tol)
     removed = plan.removed_by_layer()
-    skipped = {sk.layer: sk.reason for sk in plan.skipped}
+    skipped = {sk.layer: sk.reason for sk in plan.skipped} | {n.conv: n.reason for n in plan.neutralized}
+    neutralized = {n.conv: set(n.channels) for n in plan.neutralized}
     rows, left = [], []
     for chain in conv_chains(gm):
         conv = gm.get_submodule(chain.conv)
@@ -109,6 +111,7 @@ def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: flo
             "layer": chain.conv, "bn": chain.bn,
             "kind": "depthwise" if is_depthwise(conv) else ("dense" if conv.groups == 1 else "grouped"),
             "channels_before": conv.out_channels, "constant_filters": len(const), "removed_filters": len(gone),
+            "neutralized_filters": len(neutralized.get(chain.conv, ())),
             "range_inflating_filters": int(inflating_mask(bn, tol).sum()) if bn is not None else 0,
             "folded_max_abs_before": stats.max_abs, "step_before": stats.step, "zero_fraction_before":
                 stats.zero_fraction,

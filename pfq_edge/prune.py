@@ -67,10 +67,23 @@ class Skipped:
 
 
 @dataclass
+class Neutralized:
+    """Constant filters that must stay for the shapes (add, concat with a dependent, grouped conv, model output):
+    their weights are zeroed and BN running_mean set to 0, so the output stays β exactly while the folded weights
+    no longer widen the layer's range."""
+
+    conv: str
+    bn: str
+    channels: list[int]
+    reason: str
+
+
+@dataclass
 class PrunePlan:
     """What PfQ removes (``groups``), what it leaves and why (``skipped``), and ``warnings`` for the user."""
 
     groups: list[PruneGroup] = field(default_factory=list)
+    neutralized: list[Neutralized] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     tol: float = DEFAULT_TOL
@@ -109,7 +122,11 @@ class PrunePlan:
 
 
 class _Unsupported(Exception):
-    pass
+    """The constant reaches something removal cannot follow: the filter is neutralized instead."""
+
+
+class _Shared(_Unsupported):
+    """A module on the path is called at two places: changing it would change both; left alone."""
 
 
 def _padded(conv: nn.Conv2d) -> bool:
@@ -132,7 +149,7 @@ class _Walker:
     def _check_shared(self, *names: str | None) -> None:
         for name in names:
             if name is not None and name in self.shared:
-                raise _Unsupported(f"module {name!r} is called at more than one place in the graph")
+                raise _Shared(f"module {name!r} is called at more than one place in the graph")
 
     def walk(self, node: fx.Node, index: dict[int, list[int]], values: dict[int, float]) -> None:
         """``index[c]``: tensor positions of producer channel c at ``node``; ``values[c]``: its constant there."""
@@ -157,6 +174,8 @@ class _Walker:
                 self.walk(user, index, values)
             elif (act := activation_of(self.gm, user)) is not None:
                 self.walk(user, index, {c: _apply(act, v) for c, v in values.items()})
+            elif _is_cat(user):
+                self.walk(user, _cat_positions(user, node, index), values)
             elif is_flatten(self.gm, user):
                 hw = spatial_size(node)
                 self.walk(user, {c: [i * hw + k for i in pos for k in range(hw)] for c, pos in index.items()}, values)
@@ -205,6 +224,23 @@ class _Walker:
         self.walk(chain.out, index, new_values)
 
 
+def _is_cat(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target not in (torch.cat, torch.concat):
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim in (1, -3)
+
+
+def _cat_positions(cat: fx.Node, src: fx.Node, index: dict[int, list[int]]) -> dict[int, list[int]]:
+    """Positions of ``src``'s channels in the concatenation (every copy if ``src`` appears more than once)."""
+    offsets, offset = [], 0
+    for t in cat.args[0]:
+        if t is src:
+            offsets.append(offset)
+        offset += int(t.meta["tensor_meta"].shape[1])
+    return {c: [o + p for o in offsets for p in pos] for c, pos in index.items()}
+
+
 def _apply(act: nn.Module, v: float) -> float:
     with torch.no_grad():
         return float(act(torch.tensor([v], dtype=torch.float32))[0])
@@ -247,8 +283,14 @@ def _plan(gm: fx.GraphModule, tol: float) -> PrunePlan:
             continue
         try:
             group = _plan_group(gm, chain, bn, channels, shared)
+        except _Shared as exc:
+            plan.skipped.append(Skipped(chain.conv, len(channels), f"left unchanged: {exc}"))
+            continue
         except _Unsupported as exc:
-            plan.skipped.append(Skipped(chain.conv, len(channels), f"not pruned: {exc}"))
+            if chain.conv in shared or chain.bn in shared:
+                plan.skipped.append(Skipped(chain.conv, len(channels), f"left unchanged: {exc}; shared module"))
+            else:
+                plan.neutralized.append(Neutralized(chain.conv, chain.bn, channels, f"kept for shape: {exc}"))
             continue
         plan.groups.append(group)
         for r in group.removals:
@@ -298,6 +340,12 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
         for group in plan.groups:
             for comp in group.compensations:
                 _compensate(model, comp)
+        for n in plan.neutralized:
+            conv, bn = model.get_submodule(n.conv), model.get_submodule(n.bn)
+            conv.weight[n.channels] = 0
+            if conv.bias is not None:
+                conv.bias[n.channels] = 0
+            bn.running_mean[n.channels] = 0
     return apply_structure(model, plan.structure())
 
 

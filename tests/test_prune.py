@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conftest import plant_constant, randomize_bn, tiny_dscnn
-from pfq_edge.analysis import constant_mask, inflating_mask
+from pfq_edge.analysis import constant_mask, folded_weight, inflating_mask
 from pfq_edge.graph import trace
 from pfq_edge.prune import apply_plan, plan_pfq
 
@@ -176,3 +176,74 @@ def test_shared_batchnorm_is_refused_by_folding(images):
 
     with pytest.raises(ModelError, match="'bn'"):
         quantize_model(SharedBN().eval(), QuantSpec())
+
+
+def test_same_tensor_concatenated_twice(images):
+    # shared/cases 3: block1 (C channels) → cat([y, y]) → conv(2C → D): k constant channels remove 2k inputs
+    class CatTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.conv2 = nn.Conv2d(16, 5, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            return self.conv2(torch.cat([y, y], dim=1))
+
+    torch.manual_seed(0)
+    model = randomize_bn(CatTwice().eval())
+    plant_constant(model.conv1, model.bn1, [1, 6], [0.5, 0.9])
+    pruned, plan = _prune(model, images)
+    assert plan.filters_removed == 2 and pruned.conv1.out_channels == 6
+    assert pruned.conv2.in_channels == 12
+    comp = plan.groups[0].compensations[0]
+    assert sorted(comp.inputs) == [1, 6, 9, 14] and comp.target == "bias"
+    assert plan.groups[0].exact  # 1×1 consumer: no padding meets the constant
+    with torch.no_grad():
+        assert torch.allclose(pruned(images), model(images), atol=1e-5)
+
+
+def test_channels_tied_by_add_are_neutralized_not_removed(images):
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 8, 3, padding=1)
+            self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            x = self.stem(x)
+            return x + self.bn(self.conv(x))
+
+    torch.manual_seed(0)
+    model = randomize_bn(Residual().eval())
+    with torch.no_grad():
+        model.stem.weight[0] = 0  # stem channel 0 is always 0 …
+        model.stem.bias[0] = 0
+        model.conv.weight[2] = 0  # … and filter 2 reads only it, with large weights: constant output 0
+        model.conv.weight[2, 0] = 5.0
+        model.bn.running_mean[2] = 0.0
+        model.bn.running_var[2] = 0.0
+    before = folded_weight(model.conv, model.bn).abs().max()
+    pruned, plan = _prune(model, images)
+    assert plan.filters_removed == 0 and len(plan.neutralized) == 1
+    assert "add" in plan.neutralized[0].reason
+    assert pruned.conv.out_channels == 8  # shapes intact
+    assert folded_weight(pruned.conv, pruned.bn).abs().max() < before / 10  # range no longer set by filter 2
+    with torch.no_grad():
+        out = pruned(images)
+        assert torch.allclose(out[:, 2], model.stem(images)[:, 2] + model.bn.bias[2], atol=1e-5)
+
+
+def test_grouped_conv_consumer_is_left_with_a_reason(images):
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, padding=1, groups=2)).eval()
+    randomize_bn(model)
+    plant_constant(model[0], model[1], [3], [0.7])
+    pruned, plan = _prune(model, images)
+    assert plan.filters_removed == 0 and "grouped conv" in plan.neutralized[0].reason
+    with torch.no_grad():
+        assert torch.allclose(pruned(images), model(images), atol=1e-5)
+    assert all(m.weight.shape == p.weight.shape for m, p in zip(model.modules(), pruned.modules())
+               if isinstance(m, nn.Conv2d))

@@ -292,6 +292,12 @@ def _plan(gm: fx.GraphModule, tol: float) -> PrunePlan:
             else:
                 plan.neutralized.append(Neutralized(chain.conv, chain.bn, channels, f"kept for shape: {exc}"))
             continue
+        emptied = [r.conv for r in group.removals
+                   if len(removed.get(r.conv, set()) | set(r.channels)) >= gm.get_submodule(r.conv).out_channels]
+        if emptied:  # never a layer with 0 channels: keep these filters, neutralized
+            plan.neutralized.append(Neutralized(chain.conv, chain.bn, channels,
+                                                f"kept: removing them would leave {emptied[0]!r} with 0 channels"))
+            continue
         plan.groups.append(group)
         for r in group.removals:
             removed.setdefault(r.conv, set()).update(r.channels)
@@ -306,6 +312,8 @@ def _plan_group(gm, chain: Chain, bn: nn.BatchNorm2d, channels: list[int], share
     if chain.act_fn is not None:
         values = {c: _apply(chain.act_fn, v) for c, v in values.items()}
     conv = gm.get_submodule(chain.conv)
+    if conv.groups > 1 and not is_depthwise(conv):
+        raise _Unsupported(f"{chain.conv!r} is a grouped conv: removing a filter would unbalance its groups")
     if is_depthwise(conv):
         # A depthwise filter reads only its own input channel: that channel's producer filter becomes unused.
         walker.removals.append(_unused_upstream(gm, chain, channels, shared))
@@ -325,8 +333,8 @@ def _unused_upstream(gm, chain: Chain, channels: list[int], shared: set[str]) ->
             if up.out is src:
                 if len(src.users) != 1 or up.conv in shared or (up.bn in shared):
                     break
-                if is_depthwise(mod):
-                    raise _Unsupported("its input comes from another depthwise conv")
+                if mod.groups > 1:
+                    raise _Unsupported("its input comes from a depthwise or grouped conv")
                 return Removal(up.conv, up.bn, channels)
     raise _Unsupported("removing a depthwise filter needs its input channel's producer to feed only this conv")
 

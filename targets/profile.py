@@ -18,7 +18,7 @@ PROFILE_DIR = Path(__file__).parent / "profiles"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class QuantSpec(_Strict):

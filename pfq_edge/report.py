@@ -71,8 +71,10 @@ def render_markdown(doc: dict) -> str:
                         "σ²≤ε but informative", "folded max|W'| before", "after", "→0 before", "after"], rows), "",
                 "Filters removed include depthwise channels fed by a removed filter and filters whose only reader "
                 "was a removed depthwise channel.", ""]
-        for sk in prune.get("skipped", []):
-            out.append(f"- `{sk['layer']}`: {sk['constant_filters']} constant filters left — {sk['reason']}")
+        out.append(f"Constant filters: {prune.get('constant_total', 0)} found, {prune.get('constant_removed', 0)} "
+                   f"removed; each one left is listed with its reason:")
+        for left in prune.get("constant_left", []):
+            out.append(f"- `{left['layer']}`: {left['filters']} constant filters left — {left['reason']}")
         for w in prune.get("warnings", []):
             out.append(f"- warning: {w}")
         out.append("")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -115,7 +117,8 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path) -> F
             except Exception as exc:  # FINN re-raises under pytest; otherwise it returns -1 (handled below)
                 raise ToolchainError(f"FINN estimate build failed: {str(exc).strip().splitlines()[0][:200]}") from None
     if rc != 0:
-        raise ToolchainError(f"FINN estimate build failed ({_last_error(log_path)}); log: {log_path}")
+        kept = _keep_log(log_path)
+        raise ToolchainError(f"FINN estimate build failed: {finn_error(log_path)} (FINN's log: {kept})")
     return read_estimates(out_dir / "report", fpga)
 
 
@@ -129,9 +132,23 @@ def _with_progress(step, advance):
     return run
 
 
-def _last_error(log_path: Path) -> str:
-    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if "ERROR" in ln]
-    return lines[-1][-200:] if lines else "no error line in the log"
+def finn_error(log_path: Path) -> str:
+    """FINN's own error message from its build log, on one line (the exception after its rich traceback)."""
+    lines = log_path.read_text(errors="replace").splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", lines[i]):
+            tail = [ln.strip() for ln in lines[i:] if ln.strip() and not ln.startswith("[")]
+            return " ".join(tail)[:300]
+    errors = [ln.split("ERROR", 1)[1].strip() for ln in lines if "ERROR" in ln]
+    return errors[-1][:300] if errors else "no error message in the log"
+
+
+def _keep_log(log_path: Path) -> Path:
+    """Copy the build log out of the staging folder, which is removed when the compile fails."""
+    fd, kept = tempfile.mkstemp(prefix="pfq-edge-finn-", suffix=".log")
+    with os.fdopen(fd, "wb") as f:
+        f.write(log_path.read_bytes())
+    return Path(kept)
 
 
 def read_estimates(report_dir: Path, fpga) -> FinnEstimate:

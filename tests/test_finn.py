@@ -62,3 +62,30 @@ def test_folding_file_instead_of_target_fps(estimate, tmp_path, images):
     path = export_qonnx(qm, images[:1], tmp_path / "m.onnx")
     again = finn_estimate(path, fpga, profile.quant.input_bit_width, tmp_path / "build")
     assert again.max_cycles == est.max_cycles and again.critical_path_cycles == est.critical_path_cycles
+
+
+def test_a_model_finn_cannot_map_fails_with_finns_reason(tmp_path, images):
+    """A residual add after 4-bit ReLUs: FINN's QONNX conversion refuses it; the error carries FINN's words."""
+    import torch
+    from torch import nn
+
+    from pfq_edge.errors import ToolchainError
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.bn0 = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.conv, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.pool, self.fc = nn.MaxPool2d(28), nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.bn0(self.stem(x)))
+            y = torch.relu(self.bn1(self.conv(x)) + x)
+            return self.fc(torch.flatten(self.pool(y), 1))
+
+    profile = load_profile("fpga")
+    qm = quantize_model(randomize_bn(Residual().eval()), profile.quant)
+    calibrate(qm, images)
+    path = export_qonnx(qm, images[:1], tmp_path / "r.onnx")
+    with pytest.raises(ToolchainError, match="FINN estimate build failed: .*FINN only supports"):
+        finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / "build")

@@ -235,6 +235,7 @@ def main() -> None:
     # Harmless library chatter (toolchain.md): Brevitas' optional Hadamard kernel, a torch treespec deprecation.
     warnings.filterwarnings("ignore", message="fast_hadamard_transform")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", module=r"(brevitas|torch|qonnx|finn|onnx|onnxscript)\b")
     signal.signal(signal.SIGTERM, _terminate)  # clean up staged output as on Ctrl-C
     try:
         app(standalone_mode=False)

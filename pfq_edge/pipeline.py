@@ -89,12 +89,26 @@ def _check_io(model, name: str, x, num_classes: int) -> None:
         with torch.no_grad():
             y = model(x)
     except Exception as exc:
+        layer = _unquantized_input_layer(model)
+        if layer is not None:  # shared/cases 7: a Brevitas layer with an int32 bias and a float input
+            raise ModelError(f"model {name!r}: layer {layer!r} has an int32-quantized bias but its input is not "
+                             f"quantized; give pfq-edge the float model (it inserts an 8-bit input quantizer) or "
+                             f"put an input quantizer before {layer!r}") from None
         msg = " ".join(str(exc).split())[:160]
         raise ModelError(f"model {name!r} fails on input of shape {tuple(x.shape)}: {msg}") from None
     if not isinstance(y, torch.Tensor) or tuple(y.shape) != (len(x), num_classes):
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ModelError(f"model {name!r} returns {shape} for input {tuple(x.shape)}; expected ({len(x)}, "
                          f"{num_classes}) logits")
+
+
+def _unquantized_input_layer(model) -> str | None:
+    """The first Brevitas layer whose bias quantizer needs an input scale that nothing provides, if any."""
+    for name, mod in model.named_modules():
+        bias_quant, input_quant = getattr(mod, "bias_quant", None), getattr(mod, "input_quant", None)
+        if getattr(bias_quant, "requires_input_scale", False) and not getattr(input_quant, "is_quant_enabled", True):
+            return name
+    return None
 
 
 def stage_prune(s: State) -> State:

@@ -113,3 +113,23 @@ def test_targets_json():
 def test_model_with_wrong_input_or_output_is_refused(tmp_path):
     proc = run("compile", "--target", "fpga", "--model", "torch.nn:Identity", "--out", str(tmp_path / "o"))
     assert proc.returncode == 4 and one_line_error(proc) and "expected" in proc.stderr
+
+
+def test_brevitas_layer_with_int32_bias_and_float_input_is_named(tmp_path):
+    # shared/cases 7: a first layer fed raw pixels with an int32-quantized bias and no input quantizer
+    (tmp_path / "case7.py").write_text(
+        "import torch\nfrom torch import nn\nimport brevitas.nn as qnn\nfrom brevitas.quant import Int32Bias\n"
+        "class M(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = qnn.QuantConv2d(1, 8, 3, bias=True, bias_quant=Int32Bias, weight_bit_width=4)\n"
+        "        self.pool = nn.AdaptiveMaxPool2d(1)\n"
+        "        self.fc = nn.Linear(8, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))\n"
+        "def make():\n    return M().eval()\n")
+    proc = subprocess.run([sys.executable, "-m", "pfq_edge", "compile", "--target", "fpga", "--model", "case7:make",
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300,
+                          env={**ENV, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 4 and one_line_error(proc) and "layer 'conv'" in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -238,23 +238,25 @@ def main() -> None:
     warnings.filterwarnings("ignore", module=r"(brevitas|torch|qonnx|finn|onnx|onnxscript)\b")
     signal.signal(signal.SIGTERM, _terminate)  # clean up staged output as on Ctrl-C
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # non-standalone: Ctrl-C and typer.Exit come back as an exit code
     except PfqError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        typer.echo("pfq-edge: interrupted; no output was written", err=True)
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        rc = 130
     except SystemExit:
         raise
     except Exception as exc:  # usage errors (typer's click) and anything unexpected
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            _fail(exc.format_message(), exc.exit_code)
+            _fail(exc.format_message() or "missing command; see `pfq-edge --help`", exc.exit_code)
         if type(exc).__name__ == "Abort":
-            sys.exit(130)
-        if os.environ.get("PFQ_EDGE_DEBUG"):
-            raise
-        typer.echo(f"pfq-edge: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                   f" (set PFQ_EDGE_DEBUG=1 for the traceback)", err=True)
-        sys.exit(1)
+            rc = 130
+        else:
+            if os.environ.get("PFQ_EDGE_DEBUG"):
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            typer.echo(f"pfq-edge: internal error: {type(exc).__name__}: {first} (set PFQ_EDGE_DEBUG=1 for the "
+                       f"traceback)", err=True)
+            sys.exit(1)
+    if rc == 130:
+        _fail("interrupted; no output was written", 130)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -48,8 +48,9 @@ def golden_check(stage: str, reference: np.ndarray, candidate: np.ndarray, atol:
     result = GoldenResult(stage, int(len(reference)), float(per_image.max()), agree, mismatched, atol, min_agreement,
                           max_mismatch_fraction, passed)
     if not passed:
+        flips = (f"{mismatched} images differ by more than {atol} (allowed {max_mismatch_fraction:.0%}), "
+                 if atol is not None else "")
         raise GoldenCheckError(
             f"golden check '{stage}' failed on {result.images} images: top-1 agreement {agree:.2%} (required "
-            f"{min_agreement:.0%}), {mismatched} images differ by more than {atol} (allowed "
-            f"{max_mismatch_fraction:.0%}), max abs diff {result.max_abs_diff:.3g}")
+            f"{min_agreement:.0%}), {flips}max abs diff {result.max_abs_diff:.3g}")
     return result

@@ -36,9 +36,16 @@ def staged_dir(out: Path, force: bool = False):
 
     Raises OutputError if ``out`` exists and ``force`` is False, or if its parent cannot be written.
     """
-    out = Path(out)
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {out} exists and is a file")
     if out.exists() and not force:
         raise OutputError(f"output directory {out} exists; pass --force to replace it")
+    if out.exists() and Path.cwd().resolve().is_relative_to(out):
+        raise OutputError(f"refusing to replace {out}: it holds the current directory")
+    if out.exists() and any(out.iterdir()) and not (out / "report.json").exists():
+        raise OutputError(f"refusing to replace {out}: it is not empty and not a pfq-edge output folder "
+                          f"(no report.json)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         for stale in out.parent.glob(f".{out.name}.*.partial"):  # left by a killed run (SIGKILL skips clean-up)

@@ -24,7 +24,7 @@ CALIBRATION_IMAGES = 1024
 GOLDEN_IMAGES = 256
 EXPORT_ATOL = 1e-3              # |Δlogit| between Brevitas and qonnx execution when no activation flips (~1e-6)
 EXPORT_MIN_AGREEMENT = 0.99     # top-1 agreement, QONNX vs Brevitas
-EXPORT_MAX_FLIPPED = 0.5        # share of images allowed a one-step rounding flip (seen: 9% after full QAT)
+EXPORT_MAX_FLIPPED = 0.25       # share of images allowed a one-step rounding flip (seen: 23/256 = 9% after full QAT)
 PRUNE_EXACT_ATOL = 1e-4         # |Δlogit| when PfQ removal is exact (no constant meets zero padding)
 PRUNE_APPROX_AGREEMENT = 0.99   # top-1 agreement required when removal is approximate at the borders
 
@@ -205,7 +205,7 @@ def stage_package(s: State) -> State:
     (s.work / "report.json").write_text(s.report.to_json())
     (s.work / "report.md").write_text(s.report.to_markdown())
     files = {**s.artefacts, "report.json": s.work / "report.json", "report.md": s.work / "report.md"}
-    info = {"model": s.cfg.model, "target": s.profile.name, "profile": s.profile.model_dump(),
+    info = {"model": s.cfg.model, "target": s.profile.name, "profile": s.profile.model_dump(exclude={"source"}),
             "bits": s.report.summary["bits"], "accuracy": s.report.stages["accuracy"],
             "pfq": {"filters_removed": s.report.stages["prune"]["filters_removed"]},
             "estimates": {k: s.report.summary.get(k) for k in ("latency_us", "throughput_fps", "LUT", "BRAM_18K",
@@ -232,6 +232,8 @@ def _summarise(s: State) -> None:
         "bits": f"W{q.weight_bit_width}A{q.act_bit_width} input {q.input_bit_width}-bit, {q.weight_granularity}",
         "filters_removed": s.report.stages["prune"]["filters_removed"],
         "weight_bits": s.report.stages["quantize"]["weight_bits"],
+        "bias_params": s.report.stages["quantize"]["bias_params"],
+        "qonnx_bytes": s.report.stages["export"]["bytes"],
     }
     if s.estimate is not None:
         v = s.report.stages["estimate"]["verdicts"]

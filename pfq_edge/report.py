@@ -42,9 +42,13 @@ def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.2f}%"
 
 
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|")  # a bare | would split the Markdown cell
+
+
 def _table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -123,6 +127,9 @@ def summary_rows(s: dict) -> list[list]:
         ["logical weight size", f"{s['weight_bits']:,} bits ({s['weight_bits'] / 8 / 1024:.1f} KiB)"
          if "weight_bits" in s else "—"],
     ]
+    if "qonnx_bytes" in s:
+        rows += [["biases (float, not in the weight bits)", f"{s['bias_params']:,} parameters"],
+                 ["QONNX file (weights stored as float32)", f"{s['qonnx_bytes']:,} bytes"]]
     if "latency_us" in s:
         rows += [
             ["FINN latency", f"{s['latency_us']:.1f} µs"],

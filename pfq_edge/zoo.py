@@ -122,7 +122,9 @@ def load_weights(path: Path) -> dict:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            return _finite(load_file(str(path)), path)
+        except ModelError:
+            raise
         except Exception as exc:  # safetensors raises several types for corrupt headers/data
             raise ModelError(f"cannot read safetensors weights {path}: {str(exc).splitlines()[0]}") from None
     try:
@@ -130,13 +132,27 @@ def load_weights(path: Path) -> dict:
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = "it holds pickled objects other than tensors" if "Weights only load failed" in str(exc) else \
-            (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        text = str(exc)
+        if "Unsupported global" in text or "Unsupported operand" in text:
+            reason = "it holds pickled objects other than tensors"
+        elif "Weights only load failed" in text:
+            reason = "not a torch state dict file"
+        else:
+            reason = (text.strip().splitlines() or [type(exc).__name__])[0][:160]
         raise ModelError(f"cannot read weights {path} (weights-only loading, no code runs): {reason}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path} does not hold a state dict of tensors")
+    return _finite(state, path)
+
+
+def _finite(state: dict, path: Path) -> dict:
+    import torch
+
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelError(f"weights {path}: tensor {name!r} holds NaN or infinite values")
     return state
 
 

@@ -90,9 +90,8 @@ def _parse(path: Path) -> Profile:
     try:
         return Profile(**data, source=str(path))
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "(profile)"
-        raise ProfileError(f"{path}: key {key!r}: {err['msg']}") from None
+        parts = [f"key {'.'.join(str(p) for p in e['loc']) or '(profile)'!r}: {e['msg']}" for e in exc.errors()[:3]]
+        raise ProfileError(f"{path}: " + "; ".join(parts)) from None
     except TypeError as exc:
         raise ProfileError(f"{path}: {exc}") from None
 

@@ -133,3 +133,17 @@ def test_brevitas_layer_with_int32_bias_and_float_input_is_named(tmp_path):
                           env={**ENV, "PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 4 and one_line_error(proc) and "layer 'conv'" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_interrupt_exits_130_and_leaves_nothing(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "pfq_edge", "compile", "--target", "fpga", "--epochs", "0",
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True, env=ENV)
+    time.sleep(6)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

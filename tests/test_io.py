@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from pfq_edge.errors import OutputError
@@ -16,7 +18,7 @@ def test_failed_stage_leaves_nothing(tmp_path):
 def test_existing_output_needs_force(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    (out / "report.json").write_text("{}")
     with pytest.raises(OutputError, match="--force"):
         with staged_dir(out):
             pass
@@ -24,3 +26,21 @@ def test_existing_output_needs_force(tmp_path):
         (work / "new.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_force_never_replaces_foreign_folders_or_the_current_one(tmp_path, monkeypatch):
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_text("meow")
+    with pytest.raises(OutputError, match="not a pfq-edge output folder"):
+        with staged_dir(other, force=True):
+            pass
+    assert (other / "cat.jpg").exists()
+    monkeypatch.chdir(other)
+    with pytest.raises(OutputError, match="current directory"):
+        with staged_dir(os.curdir, force=True):
+            pass
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        with staged_dir(tmp_path / "file", force=True):
+            pass

@@ -43,3 +43,14 @@ def test_mismatched_weights(tmp_path):
     save_file({"nope": torch.zeros(1)}, str(path))
     with pytest.raises(ModelError, match="do not match"):
         load_model("fashion-dscnn", weights=path)
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    state = load_weights(WEIGHTS_DIR / "fashion-dscnn.safetensors")
+    state["0.weight"] = state["0.weight"].clone()
+    state["0.weight"][0, 0, 0, 0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(ModelError, match="NaN"):
+        load_model("fashion-dscnn", weights=tmp_path / "nan.safetensors")

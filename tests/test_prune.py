@@ -137,19 +137,21 @@ def test_inverted_residual_block(images):
     assert torch.allclose(out[interior], ref[interior], atol=1e-4)
 
 
+class SharedBN(nn.Module):
+    """shared/cases 4: conv1 → bn; conv2 → bn (the same module); add; ReLU (→ 1×1 head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv1(x)) + self.bn(self.conv2(x))))
+
+
 def test_shared_batchnorm_is_left_alone_with_its_name(images):
-    # shared/cases 4: conv1 → bn; conv2 → bn (same module); add; ReLU
-    class SharedBN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
-            self.conv2 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
-            self.bn = nn.BatchNorm2d(4)
-            self.head = nn.Conv2d(4, 2, 1)
-
-        def forward(self, x):
-            return self.head(torch.relu(self.bn(self.conv1(x)) + self.bn(self.conv2(x))))
-
     model = randomize_bn(SharedBN().eval())
     plant_constant(model.conv1, model.bn, [1], [-1.0])
     pruned, plan = _prune(model, images)
@@ -163,16 +165,6 @@ def test_shared_batchnorm_is_refused_by_folding(images):
     from pfq_edge.errors import ModelError
     from pfq_edge.quantize import quantize_model
     from pfq_edge.targets.profile import QuantSpec
-
-    class SharedBN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
-            self.conv2 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
-            self.bn = nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            return torch.relu(self.bn(self.conv1(x)) + self.bn(self.conv2(x)))
 
     with pytest.raises(ModelError, match="'bn'"):
         quantize_model(SharedBN().eval(), QuantSpec())

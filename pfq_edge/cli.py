@@ -22,6 +22,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="PfQ pruning, low-bit quantization and compilation of PyTorch CNNs for edge targets.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"pfq-edge {version('pfq-edge')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Show the version and exit.")) -> None:
+    """PfQ pruning, low-bit quantization and compilation of PyTorch CNNs for edge targets."""
+
+
 def _fail(message: str, code: int) -> None:
     typer.echo(f"pfq-edge: error: {message}", err=True)
     sys.exit(code)

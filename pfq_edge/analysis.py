@@ -100,11 +100,14 @@ def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: flo
     removed = plan.removed_by_layer()
     skipped = {sk.layer: sk.reason for sk in plan.skipped} | {n.conv: n.reason for n in plan.neutralized}
     neutralized = {n.conv: set(n.channels) for n in plan.neutralized}
-    rows, left = [], []
+    rows, left, seen_bn = [], [], set()
     for chain in conv_chains(gm):
         conv = gm.get_submodule(chain.conv)
         bn = gm.get_submodule(chain.bn) if chain.bn else None
         const = set(torch.nonzero(constant_mask(bn, tol)).flatten().tolist()) if bn is not None else set()
+        if chain.bn in seen_bn:  # a BN shared by two convs: its filters are counted at its first call site
+            const = set()
+        seen_bn.add(chain.bn)
         gone = removed.get(chain.conv, set())
         stats = range_stats(folded_weight(conv, bn), bits)
         rows.append({

@@ -126,7 +126,12 @@ def analyze_cmd(
     if plot is not None:
         from pfq_edge.plots import plot_folded_ranges
 
-        plot_folded_ranges(analysis.layers, f"{model}: folded weight range before/after PfQ", plot)
+        from pfq_edge.errors import OutputError
+
+        try:
+            plot_folded_ranges(analysis.layers, f"{model}: folded weight range before/after PfQ", plot)
+        except OSError as exc:
+            raise OutputError(f"cannot write plot {plot}: {exc.strerror}") from None
     if as_json:
         typer.echo(json.dumps({"model": model, **analysis.as_dict()}, indent=2))
         return
@@ -187,7 +192,7 @@ def prune_cmd(
               "constant_total": analysis.constant_total, "constant_left": analysis.constant_left,
               "exact": all(g.exact for g in analysis.plan.groups)}
     if check:
-        result["check"] = _compare_on_images(loaded, pruned, check, data_dir)
+        result["check"] = _compare_on_images(loaded, pruned, check, data_dir, result["exact"])
     try:
         save_pruned(pruned, analysis.plan, model, out, source_weights=loaded.weights)
     except OSError as exc:
@@ -203,17 +208,19 @@ def prune_cmd(
                    f"{c['argmax_agreement']:.2%}")
 
 
-def _compare_on_images(loaded, pruned, n: int, data_dir: Optional[Path]) -> dict:
-    import torch
-
+def _compare_on_images(loaded, pruned, n: int, data_dir: Optional[Path], exact: bool) -> dict:
+    """The compile's prune golden check on ``n`` test images adapted to the model; raises GoldenCheckError."""
     from pfq_edge.data import adapt_images, load_split
+    from pfq_edge.golden import golden_check
+    from pfq_edge.pipeline import PRUNE_APPROX_AGREEMENT, PRUNE_EXACT_ATOL
     from pfq_edge.train import predict
 
     images = adapt_images(load_split("test", data_dir).images[:n], loaded.input_shape,
                           bool(loaded.info.get("imagenet_norm")))
     ref, out = predict(loaded.module, images, batch_size=50), predict(pruned, images, batch_size=50)
-    return {"images": len(images), "max_abs_diff": float((ref - out).abs().max()),
-            "argmax_agreement": float((ref.argmax(1) == out.argmax(1)).float().mean())}
+    return golden_check("prune --check (pruned vs original)", ref.numpy(), out.numpy(),
+                        atol=PRUNE_EXACT_ATOL if exact else None,
+                        min_agreement=1.0 if exact else PRUNE_APPROX_AGREEMENT).as_dict()
 
 
 @app.command("targets")

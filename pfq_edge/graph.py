@@ -24,6 +24,25 @@ ACTIVATION_FUNCTIONS = {F.relu: nn.ReLU(), torch.relu: nn.ReLU(), F.relu6: nn.Re
 PASSTHROUGH_MODULES = (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Dropout,
                        nn.Dropout2d, nn.Identity)
 FLATTEN_FUNCTIONS = (torch.flatten,)
+# The same, written as functions; F.avg_pool2d is exact only without padding (checked by the caller).
+PASSTHROUGH_FUNCTIONS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.max_pool2d, F.avg_pool2d, F.dropout)
+
+
+def is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A channel-wise op that keeps a constant channel constant (pooling, dropout, identity), module or function."""
+    if isinstance(module_of(gm, node), PASSTHROUGH_MODULES):
+        return True
+    return node.op == "call_function" and node.target in PASSTHROUGH_FUNCTIONS
+
+
+def is_spatial_mean(node: fx.Node) -> bool:
+    """x.mean((2, 3)) / torch.mean(x, (-2, -1)): a global average pool; channel c stays at position c."""
+    is_mean = (node.op == "call_method" and node.target == "mean") or \
+        (node.op == "call_function" and node.target is torch.mean)
+    if not is_mean:
+        return False
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return isinstance(dims, (tuple, list)) and sorted(d % 4 for d in dims) == [2, 3]
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
@@ -127,8 +146,10 @@ def is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
     """(N, C, H, W) → (N, C·H·W), however it is written (nn.Flatten, torch.flatten, .flatten, .view, .reshape)."""
     if node.op == "call_method" and node.target in ("view", "reshape") and node.args:
         src, dst = node.args[0].meta.get("tensor_meta"), node.meta.get("tensor_meta")
+        shape = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list)) else node.args[1]
+        # only x.view(N, -1): a literal feature count (x.view(-1, 784)) would break once channels are removed
         return (src is not None and dst is not None and len(src.shape) == 4 and len(dst.shape) == 2
-                and dst.shape[0] == src.shape[0])
+                and dst.shape[0] == src.shape[0] and len(shape) == 2 and shape[1] == -1 and shape[0] != -1)
     mod = module_of(gm, node)
     if isinstance(mod, nn.Flatten):
         return mod.start_dim == 1 and mod.end_dim == -1

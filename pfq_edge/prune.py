@@ -6,9 +6,10 @@ bias-free and followed by BN, that BN's running_mean −= the same amount); a de
 constant too, is removed, and its constant is carried on. Exact where a_c = 0 or no zero padding touches the
 constant; otherwise exact in the interior only (the pipeline measures the border effect on real inputs).
 
-This version follows channels through: conv → BN → activation chains, depthwise convs, max/adaptive pooling,
-flatten, dense convs and linear layers. Anything else a constant channel reaches (add, concat, grouped conv, the
-model output) leaves that layer unpruned, listed in ``PrunePlan.skipped`` with the reason.
+Channels are followed through conv → BN → activation chains, depthwise convs, pooling (modules or functions),
+spatial means, flatten / ``view(N, -1)``, concat (every copy), dense convs and linear layers. A constant filter
+whose channel reaches an add, a grouped conv, a hard-coded reshape or the model output is neutralized instead
+(weights zeroed, BN mean 0: same output, shapes kept); modules called at two places are left unchanged.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
 from pfq_edge.analysis import DEFAULT_TOL, constant_mask
-from pfq_edge.graph import (PASSTHROUGH_MODULES, Chain, activation_of, call_counts, chain_from_conv, conv_chains,
-                            is_depthwise, is_flatten, module_of, spatial_size)
+from pfq_edge.graph import (Chain, activation_of, call_counts, chain_from_conv, conv_chains, is_depthwise, is_flatten,
+                            is_passthrough, is_spatial_mean, module_of, spatial_size)
 
 
 @dataclass
@@ -129,9 +131,25 @@ class _Shared(_Unsupported):
     """A module on the path is called at two places: changing it would change both; left alone."""
 
 
+def _pads_average(mod, node: fx.Node) -> bool:
+    """An average pool whose zero padding dilutes a constant at the borders."""
+    if isinstance(mod, nn.AvgPool2d):
+        return bool(mod.padding)
+    if node.op == "call_function" and node.target is F.avg_pool2d:
+        pad = node.args[3] if len(node.args) > 3 else node.kwargs.get("padding", 0)
+        return bool(pad)
+    return False
+
+
 def _padded(conv: nn.Conv2d) -> bool:
-    """Does zero padding touch this conv's input? A Conv2d subclass may pad inside its forward: assume it does."""
+    """Does zero padding touch this conv's input? A Conv2d subclass may pad inside its forward: assume it does,
+    unless it pads through a ``static_padding`` module that is an identity ("same" padding of a 1×1 conv)."""
     if type(conv) is not nn.Conv2d:
+        pad = getattr(conv, "static_padding", None)
+        if isinstance(pad, nn.Identity) or type(pad).__name__ == "Identity":  # libraries ship their own Identity
+            return False
+        if isinstance(pad, nn.ZeroPad2d):
+            return any(p > 0 for p in pad.padding)
         return True
     pad = conv.padding
     return pad == "same" or (not isinstance(pad, str) and any(p > 0 for p in pad))
@@ -155,6 +173,8 @@ class _Walker:
         """``index[c]``: tensor positions of producer channel c at ``node``; ``values[c]``: its constant there."""
         for user in node.users:
             mod = module_of(self.gm, user)
+            if _is_shape_query(user):
+                continue  # x.size(0) / x.shape[0] read the batch size, not the channels' values
             if user.op == "output":
                 raise _Unsupported("its output is a model output")
             if isinstance(mod, nn.Conv2d):
@@ -168,9 +188,11 @@ class _Walker:
             elif isinstance(mod, nn.Linear):
                 self._check_shared(user.target)
                 self._dense(user, mod, index, values)
-            elif isinstance(mod, PASSTHROUGH_MODULES):
-                if isinstance(mod, nn.AvgPool2d) and any(v != 0 for v in values.values()) and mod.padding:
+            elif is_passthrough(self.gm, user):
+                if _pads_average(mod, user) and any(v != 0 for v in values.values()):
                     self.exact = False
+                self.walk(user, index, values)
+            elif is_spatial_mean(user):
                 self.walk(user, index, values)
             elif (act := activation_of(self.gm, user)) is not None:
                 self.walk(user, index, {c: _apply(act, v) for c, v in values.items()})
@@ -222,6 +244,11 @@ class _Walker:
             new_values[c] = _apply(chain.act_fn, v) if chain.act_fn is not None else v
         self.removals.append(Removal(chain.conv, chain.bn, channels, depthwise=True))
         self.walk(chain.out, index, new_values)
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in ("size", "dim")) or \
+        (node.op == "call_function" and getattr(node.target, "__name__", "") == "getattr" and "shape" in node.args)
 
 
 def _is_cat(node: fx.Node) -> bool:

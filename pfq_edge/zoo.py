@@ -183,11 +183,16 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None) -> 
     ``pfq-edge prune``. Raises ModelError if the name is unknown, the factory fails, or the weights are unreadable
     or do not match.
     """
-    if str(spec).endswith(".safetensors") and Path(spec).is_file():
+    if str(spec).endswith(".safetensors"):
+        if not Path(spec).is_file():
+            raise ModelError(f"model file not found: {spec}")
         return load_pruned(Path(spec))
     entry = _resolve(spec)
     module = _build(entry.factory, spec)
     weights = weights if weights is not None else entry.weights
+    if weights is not None and Path(weights).suffix == ".safetensors" and Path(weights).is_file() \
+            and (meta := pruned_metadata(Path(weights))) is not None:
+        return load_pruned(Path(weights), trusted_spec=spec)
     if weights is not None:
         state = load_weights(Path(weights))
         try:
@@ -212,16 +217,25 @@ def pruned_metadata(path: Path) -> dict | None:
     return meta if meta.get("format") == "pfq-edge-pruned" else None
 
 
-def load_pruned(path: Path) -> LoadedModel:
+def load_pruned(path: Path, trusted_spec: str | None = None) -> LoadedModel:
     """Rebuild a model saved by ``pfq-edge prune``: original architecture, pruned shapes, pruned weights.
 
-    Raises ModelError if the file is not a pfq-edge pruned model or does not fit the architecture it names.
+    A file pruned from a zoo model loads by itself. One pruned from ``module:factory`` names code to import and
+    call, so it loads only when the caller names that same spec (``--model module:factory --weights FILE``):
+    a data file never runs code on its own. Raises ModelError if the file is not a pfq-edge pruned model, names a
+    different spec, or does not fit the architecture it names.
     """
     from pfq_edge.prune import apply_structure
 
     meta = pruned_metadata(path)
     if meta is None:
         raise ModelError(f"{path} is a safetensors file but not a pfq-edge pruned model; pass it as --weights")
+    if meta.get("format_version") != "1" or "structure" not in meta or "model" not in meta:
+        raise ModelError(f"{path}: unsupported pruned-model format (version {meta.get('format_version')!r}); "
+                         f"expected version '1' with 'model' and 'structure'")
+    if meta["model"] not in _zoo() and meta["model"] != trusted_spec:
+        raise ModelError(f"{path} was pruned from {meta['model']!r}; loading it imports and calls that code, so "
+                         f"name it yourself: --model {meta['model']} --weights {path}")
     entry = _resolve(meta["model"])
     module = _build(entry.factory, meta["model"])
     try:

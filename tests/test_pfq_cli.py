@@ -57,14 +57,18 @@ def test_prune_writes_a_model_that_reloads_exactly(planted_weights, tmp_path, im
     doc = json.loads(proc.stdout)
     assert doc["filters_removed"] == 12 and doc["constant_total"] == 6
     assert doc["check"]["images"] == 300 and doc["check"]["argmax_agreement"] >= 0.99
-    reloaded = load_model(str(out)).module
+    from pfq_edge.errors import ModelError
+
+    with pytest.raises(ModelError, match="name it yourself"):  # a data file alone never imports user code
+        load_model(str(out))
+    reloaded = load_model("pfq_edge.zoo:fashion_dscnn", weights=out).module
     original = load_model("pfq_edge.zoo:fashion_dscnn", weights=planted_weights).module
     pruned, _ = analyze_pfq(original, images[:1])
     with torch.no_grad():
         assert torch.equal(reloaded(images), pruned(images))
     assert reloaded[12].out_channels == 124 and reloaded[18].out_channels == 126
     # the reloaded model is analysed like any other (nothing constant left)
-    proc = run("analyze", str(out), "--json")
+    proc = run("analyze", "pfq_edge.zoo:fashion_dscnn", "--weights", str(out), "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["constant_total"] == 0
 
 
@@ -89,3 +93,50 @@ def test_save_pruned_records_spec_and_structure(tmp_path, images):
     path = save_pruned(pruned, analysis.plan, "fashion-dscnn", tmp_path / "p.safetensors")
     meta = pruned_metadata(path)
     assert meta["model"] == "fashion-dscnn" and json.loads(meta["structure"])["out"] == {}
+
+
+def test_prune_check_failing_agreement_fails_and_writes_nothing(tmp_path):
+    """A positive constant into a 3×3 padded conv of an untrained net: borders flip predictions; --check refuses."""
+    (tmp_path / "borderly.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),\n"
+        "                      nn.Conv2d(4, 10, 3, padding=1), nn.AdaptiveMaxPool2d(1), nn.Flatten()).eval()\n"
+        "    with torch.no_grad():\n"
+        "        m[0].weight[0] = 0\n"
+        "        m[1].running_mean[0], m[1].running_var[0], m[1].bias[0] = 0.0, 0.0, 50.0\n"
+        "    return m\n")
+    out = tmp_path / "p.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "pfq_edge", "prune", "borderly:make", "-o", str(out), "--check",
+                           "300"], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 6 and proc.stderr.startswith("pfq-edge: error: golden check")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("head,removed", [
+    ("x.view(x.size(0), -1)", True), ("x.reshape(x.shape[0], -1)", True), ("x.mean((2, 3))", True),
+    ("F.adaptive_avg_pool2d(x, 1).flatten(1)", True), ("x.view(-1, 4 * 28 * 28)", False)])
+def test_heads_written_in_many_ways(tmp_path, head, removed, images):
+    import torch.nn.functional as F  # noqa: F401  (used by the heads)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 4, 1, bias=False), nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4 if "28" not in head else 4 * 28 * 28, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.bn(self.conv(x)))
+            if "adaptive" not in head and "mean" not in head and "view(-1" not in head:
+                x = F.adaptive_max_pool2d(x, 1)
+            return self.fc(eval(head))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    plant_constant(model.conv, model.bn, [2], [0.8])
+    pruned, a = analyze_pfq(model, images[:1])
+    assert (a.plan.filters_removed == 1) is removed and a.constant_removed + len(a.plan.neutralized) >= 1
+    with torch.no_grad():
+        assert torch.allclose(pruned(images), model(images), atol=1e-5)

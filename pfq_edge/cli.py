@@ -36,6 +36,13 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     """PfQ pruning, low-bit quantization and compilation of PyTorch CNNs for edge targets."""
 
 
+def _console():
+    """rich Console on stdout; when stdout is not a terminal (a pipe, a file) tables are not cut to 80 columns."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def _fail(message: str, code: int) -> None:
     typer.echo(f"pfq-edge: error: {message}", err=True)
     sys.exit(code)
@@ -82,7 +89,6 @@ def compile_cmd(
 
 
 def _print_summary(report, out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from pfq_edge.report import summary_rows
@@ -92,7 +98,7 @@ def _print_summary(report, out: Path) -> None:
     table.add_column("value", justify="right")
     for name, value in summary_rows(report.summary):
         table.add_row(name, str(value))
-    console = Console()
+    console = _console()
     console.print(table)
     console.print(f"output: {out}/ (report.md, report.json, {report.stages['package']['archive']})")
 
@@ -139,7 +145,6 @@ def analyze_cmd(
 
 
 def _print_analysis(model: str, a, plot: Optional[Path]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"PfQ analysis: {model} (W{a.bits} per-tensor step)")
@@ -151,7 +156,7 @@ def _print_analysis(model: str, a, plot: Optional[Path]) -> None:
                       str(r["constant_filters"]), str(r["removed_filters"]), str(r["range_inflating_filters"]),
                       f"{r['folded_max_abs_before']:.3g}→{r['folded_max_abs_after']:.3g}",
                       f"{r['zero_fraction_before']:.0%}→{r['zero_fraction_after']:.0%}")
-    console = Console()
+    console = _console()
     console.print(table)
     console.print(f"constant filters (post-BN std ≤ {a.plan.tol:g}): {a.constant_total}; removed {a.constant_removed}; "
                   f"left {a.constant_total - a.constant_removed}. Filters removed in all layers: "
@@ -232,7 +237,6 @@ def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-read
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="pfq-edge targets")
@@ -242,7 +246,7 @@ def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-read
         name = r["name"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
         table.add_row(name, f"{r['bits']}, {r['granularity']}", f"{r['part']} @ {r['clock_mhz']:g} MHz",
                       str(r["target_fps"]), f"{r['latency_budget_ms']} ms")
-    Console().print(table)
+    _console().print(table)
 
 
 def _terminate(signum, frame):

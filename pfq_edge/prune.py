@@ -180,14 +180,14 @@ class _Walker:
             if isinstance(mod, nn.Conv2d):
                 self._check_shared(user.target)
                 if mod.groups == 1:
-                    self._dense(user, mod, index, values)
+                    self._dense(user, node, mod, index, values)
                 elif is_depthwise(mod):
                     self._depthwise(user, mod, index, values)
                 else:
                     raise _Unsupported(f"it feeds grouped conv {user.target!r} (groups={mod.groups})")
             elif isinstance(mod, nn.Linear):
                 self._check_shared(user.target)
-                self._dense(user, mod, index, values)
+                self._dense(user, node, mod, index, values)
             elif is_passthrough(self.gm, user):
                 if _pads_average(mod, user) and any(v != 0 for v in values.values()):
                     self.exact = False
@@ -205,9 +205,9 @@ class _Walker:
                 what = user.target if user.op == "call_module" else getattr(user.target, "__name__", user.target)
                 raise _Unsupported(f"it feeds {what!r} ({user.op}), which this version does not prune through")
 
-    def _dense(self, node: fx.Node, mod: nn.Module, index, values) -> None:
-        if node.args[0] is not self._input_of(node):
-            raise _Unsupported(f"unexpected use of {node.target!r}")
+    def _dense(self, node: fx.Node, src: fx.Node, mod: nn.Module, index, values) -> None:
+        if not node.args or node.args[0] is not src:
+            raise _Unsupported(f"{node.target!r} uses the channel other than as its input")
         inputs = [i for c in index for i in index[c]]
         vals = [values[c] for c in index for _ in index[c]]
         if any(v != 0 for v in vals) and isinstance(mod, nn.Conv2d) and _padded(mod):
@@ -220,10 +220,6 @@ class _Walker:
             self._check_shared(bn)
             target = "bn_mean" if bn is not None else "new_bias"
         self.compensations.append(Compensation(node.target, inputs, vals, target, bn))
-
-    @staticmethod
-    def _input_of(node: fx.Node) -> fx.Node:
-        return node.args[0]
 
     def _depthwise(self, node: fx.Node, mod: nn.Conv2d, index, values) -> None:
         chain = chain_from_conv(self.gm, node)

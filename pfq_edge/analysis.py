@@ -7,7 +7,7 @@ when its post-BN standard deviation |γ_c|·σ_c / sqrt(σ²_c + ε) is zero up 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn

@@ -216,16 +216,13 @@ def prune_cmd(
 def _compare_on_images(loaded, pruned, n: int, data_dir: Optional[Path], exact: bool) -> dict:
     """The compile's prune golden check on ``n`` test images adapted to the model; raises GoldenCheckError."""
     from pfq_edge.data import adapt_images, load_split
-    from pfq_edge.golden import golden_check
-    from pfq_edge.pipeline import PRUNE_APPROX_AGREEMENT, PRUNE_EXACT_ATOL
+    from pfq_edge.pipeline import prune_golden_check
     from pfq_edge.train import predict
 
     images = adapt_images(load_split("test", data_dir).images[:n], loaded.input_shape,
                           bool(loaded.info.get("imagenet_norm")))
     ref, out = predict(loaded.module, images, batch_size=50), predict(pruned, images, batch_size=50)
-    return golden_check("prune --check (pruned vs original)", ref.numpy(), out.numpy(),
-                        atol=PRUNE_EXACT_ATOL if exact else None,
-                        min_agreement=1.0 if exact else PRUNE_APPROX_AGREEMENT).as_dict()
+    return prune_golden_check("prune --check (pruned vs original)", ref.numpy(), out.numpy(), exact).as_dict()
 
 
 @app.command("targets")

@@ -8,7 +8,6 @@ staging folder and moved into place only when every stage (and every golden chec
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
@@ -111,19 +110,25 @@ def _unquantized_input_layer(model) -> str | None:
     return None
 
 
+def prune_golden_check(stage: str, reference, candidate, exact: bool):
+    """Pruned vs original float logits: every image within 1e-4 when the removal is exact, else ≥ 99% top-1
+    agreement (the zero-padded borders differ). Raises GoldenCheckError; used by compile and `prune --check`."""
+    from pfq_edge.golden import golden_check
+
+    return golden_check(stage, reference, candidate, atol=PRUNE_EXACT_ATOL if exact else None,
+                        min_agreement=1.0 if exact else PRUNE_APPROX_AGREEMENT)
+
+
 def stage_prune(s: State) -> State:
     """PfQ: find constant filters, remove them with compensation, golden-check the pruned float model."""
     from pfq_edge.analysis import analyze_pfq
-    from pfq_edge.golden import golden_check
     from pfq_edge.train import accuracy, predict
 
     test = s.data["test"]
     s.pruned_model, analysis = analyze_pfq(s.float_model, test.images[:1], bits=s.profile.quant.weight_bit_width)
     exact = all(g.exact for g in analysis.plan.groups)
     ref, out = predict(s.float_model, test.images).numpy(), predict(s.pruned_model, test.images).numpy()
-    golden = golden_check("prune (PfQ float vs original float)", ref, out,
-                          atol=PRUNE_EXACT_ATOL if exact else None,
-                          min_agreement=1.0 if exact else PRUNE_APPROX_AGREEMENT)
+    golden = prune_golden_check("prune (PfQ float vs original float)", ref, out, exact)
     s.report.add("prune", {**analysis.as_dict(), "exact": exact, "golden": golden.as_dict()})
     s.report.add("accuracy", {"pfq_float": accuracy(s.pruned_model, test)})
     return s
@@ -252,10 +257,9 @@ def compile_model(cfg: CompileConfig, log=None) -> Report:
     with one-line messages; nothing is left in ``cfg.out`` on failure.
     """
     from pfq_edge.io import staged_dir
+    from pfq_edge.targets.fit import check_fpga_profile
     from pfq_edge.targets.profile import load_profile
     from pfq_edge.train import set_seed
-
-    from pfq_edge.targets.fit import check_fpga_profile
 
     profile = load_profile(cfg.target)
     check_fpga_profile(profile)

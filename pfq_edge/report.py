@@ -89,7 +89,7 @@ def render_markdown(doc: dict) -> str:
     golden = [g for g in (st.get("prune", {}).get("golden"), st.get("export", {}).get("golden")) if g]
     if golden:
         out += ["## Golden checks", "", _table(
-            ["stage", "images", "max abs diff", "top-1 agreement", f"images with |Δ| > atol", "passed"],
+            ["stage", "images", "max abs diff", "top-1 agreement", "images with |Δ| > atol", "passed"],
             [[g["stage"], g["images"], f"{g['max_abs_diff']:.3g}", _pct(g["argmax_agreement"]),
               f"{g['mismatched_images']} (atol {g['atol']}, allowed {g['max_mismatch_fraction']:.0%})", g["passed"]]
              for g in golden]), "",

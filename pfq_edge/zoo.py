@@ -188,11 +188,11 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None) -> 
             raise ModelError(f"model file not found: {spec}")
         return load_pruned(Path(spec))
     entry = _resolve(spec)
-    module = _build(entry.factory, spec)
     weights = weights if weights is not None else entry.weights
     if weights is not None and Path(weights).suffix == ".safetensors" and Path(weights).is_file() \
-            and (meta := pruned_metadata(Path(weights))) is not None:
-        return load_pruned(Path(weights), trusted_spec=spec)
+            and pruned_metadata(Path(weights)) is not None:
+        return load_pruned(Path(weights), trusted_spec=spec)  # builds the architecture itself
+    module = _build(entry.factory, spec)
     if weights is not None:
         state = load_weights(Path(weights))
         try:

@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--channels", default="32,64,128,128,256", help="stem and block widths, comma-separated")
+    ap.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    ap.add_argument("--name", default="fashion-dscnn", help="file stem of the weights and metadata written")
     ap.add_argument("--out", type=Path, default=Path("pfq_edge/weights"))
     args = ap.parse_args()
 
@@ -40,7 +42,7 @@ def main() -> None:
     model = fashion_dscnn(channels)
     train_set, test_set = load_split("train", args.data_dir), load_split("test", args.data_dir)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
-                      seed=args.seed)
+                      seed=args.seed, schedule=args.schedule)
     t0 = time.time()
     history = []
 
@@ -56,21 +58,21 @@ def main() -> None:
     from safetensors.torch import save
 
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out / "fashion-dscnn.safetensors",
+    atomic_write_bytes(args.out / f"{args.name}.safetensors",
                        save({k: v.contiguous() for k, v in model.state_dict().items()}))
     meta = {
-        "model": "fashion-dscnn",
+        "model": args.name,
         "test_top1": history[-1]["test_top1"],
         "history": history,
         "bn_channels_running_var_zero": dead,
-        "recipe": {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "batch_size", "seed")},
+        "recipe": {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "batch_size", "seed", "schedule")},
         "channels": list(channels),
         "command": "python " + " ".join(sys.argv),
         "wall_s": round(wall, 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    atomic_write_text(args.out / "fashion-dscnn.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(args.out / f"{args.name}.json", json.dumps(meta, indent=2) + "\n")
     print(json.dumps({k: meta[k] for k in ("test_top1", "bn_channels_running_var_zero", "wall_s")}))
 
 

@@ -22,8 +22,15 @@ def post_bn_std(bn: nn.BatchNorm2d) -> torch.Tensor:
     return (gamma.abs() * var.clamp_min(0).sqrt() / (var + bn.eps).sqrt()).float()
 
 
-def constant_mask(bn: nn.BatchNorm2d, tol: float = DEFAULT_TOL) -> torch.Tensor:
-    """(C,) bool: filters whose BN output is constant (post-BN std ≤ tol)."""
+RULES = ("exact", "bn-epsilon")
+
+
+def constant_mask(bn: nn.BatchNorm2d, tol: float = DEFAULT_TOL, rule: str = "exact") -> torch.Tensor:
+    """(C,) bool: filters PfQ treats as constant. rule "exact": the BN output is constant (post-BN std ≤ tol;
+    design.md §2). rule "bn-epsilon": running_var ≤ ε (σ²≤ε filters replaced by their mean β: an approximation
+    that also takes range-inflating filters carrying signal; guard it with real data)."""
+    if rule == "bn-epsilon":
+        return (bn.running_var.detach() <= bn.eps) | (post_bn_std(bn) <= tol)
     return post_bn_std(bn) <= tol
 
 
@@ -75,18 +82,20 @@ class PfqAnalysis:
     constant_left: list[dict]         # {"layer", "filters", "reason"}: neutralized (reason "kept for shape") or not
 
     def as_dict(self) -> dict:
-        return {"bits": self.bits, "tol": self.plan.tol, "constant_total": self.constant_total,
+        return {"bits": self.bits, "rule": self.plan.rule, "tol": self.plan.tol, "constant_total": self.constant_total,
                 "constant_removed": self.constant_removed, "constant_left": self.constant_left,
                 "filters_removed": self.plan.filters_removed, "layers": self.layers, **{
                     k: v for k, v in self.plan.as_dict().items()
                     if k in ("groups", "neutralized", "skipped", "warnings")}}
 
 
-def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: float = DEFAULT_TOL):
+def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: float = DEFAULT_TOL,
+                rule: str = "exact"):
     """Plan PfQ on ``model`` and apply it to a copy; returns (pruned copy, PfqAnalysis). ``model`` is untouched.
 
     example: one input (1, C, H, W) for tracing and shapes. bits: weight bit width for the per-tensor step and the
-    share of weights that round to zero, before and after. Raises ModelError if the model cannot be traced.
+    share of weights that round to zero, before and after. rule: "exact" or "bn-epsilon" (``constant_mask``).
+    Raises ModelError if the model cannot be traced.
     Method: arXiv:2011.06751 as read in shared/design.md §2–3.
     """
     import copy
@@ -96,7 +105,7 @@ def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: flo
 
     pruned = copy.deepcopy(model).eval()
     gm = trace(pruned, example)
-    plan = plan_pfq(gm, tol)
+    plan = plan_pfq(gm, tol, rule)
     removed = plan.removed_by_layer()
     skipped = {sk.layer: sk.reason for sk in plan.skipped} | {n.conv: n.reason for n in plan.neutralized}
     neutralized = {n.conv: set(n.channels) for n in plan.neutralized}
@@ -104,7 +113,7 @@ def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: flo
     for chain in conv_chains(gm):
         conv = gm.get_submodule(chain.conv)
         bn = gm.get_submodule(chain.bn) if chain.bn else None
-        const = set(torch.nonzero(constant_mask(bn, tol)).flatten().tolist()) if bn is not None else set()
+        const = set(torch.nonzero(constant_mask(bn, tol, rule)).flatten().tolist()) if bn is not None else set()
         if chain.bn in seen_bn:  # a BN shared by two convs: its filters are counted at its first call site
             const = set()
         seen_bn.add(chain.bn)
@@ -115,7 +124,8 @@ def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: flo
             "kind": "depthwise" if is_depthwise(conv) else ("dense" if conv.groups == 1 else "grouped"),
             "channels_before": conv.out_channels, "constant_filters": len(const), "removed_filters": len(gone),
             "neutralized_filters": len(neutralized.get(chain.conv, ())),
-            "range_inflating_filters": int(inflating_mask(bn, tol).sum()) if bn is not None else 0,
+            "range_inflating_filters": int((inflating_mask(bn, tol) & ~constant_mask(bn, tol, rule)).sum())
+            if bn is not None else 0,
             "folded_max_abs_before": stats.max_abs, "step_before": stats.step, "zero_fraction_before":
                 stats.zero_fraction,
         })

@@ -16,7 +16,6 @@ from typing import Optional
 import typer
 
 from pfq_edge.errors import PfqError
-from pfq_edge.pipeline import DEFAULT_EPOCHS, DEFAULT_LR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PfQ pruning, low-bit quantization and compilation of PyTorch CNNs for edge targets.")
@@ -63,25 +62,66 @@ def compile_cmd(
     model: str = typer.Option("fashion-dscnn", "--model", "-m", help="Zoo name or package.module:factory."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict: .safetensors, or a torch file "
                                                                     "loaded with weights_only=True."),
-    epochs: int = typer.Option(DEFAULT_EPOCHS, "--epochs", min=0, help="QAT fine-tuning epochs (0 skips it)."),
-    train_samples: int = typer.Option(0, "--train-samples", min=0,
-                                      help="Training images per fine-tuning epoch (0: all 60,000)."),
-    lr: float = typer.Option(DEFAULT_LR, "--lr", min=0.0, help="Fine-tuning learning rate (Adam, cosine schedule)."),
-    seed: int = typer.Option(0, "--seed"),
+    weight_bits: Optional[int] = typer.Option(None, "--weight-bits", help="Weight bit width 2–8 [profile]."),
+    act_bits: Optional[int] = typer.Option(None, "--act-bits", help="Activation bit width 2–8 [profile]."),
+    first_layer_bits: Optional[int] = typer.Option(None, "--first-layer-bits",
+                                                   help="Weight bit width of the first conv [= --weight-bits]."),
+    last_layer_bits: Optional[int] = typer.Option(None, "--last-layer-bits",
+                                                  help="Weight bit width of the last layer [= --weight-bits]."),
+    granularity: Optional[str] = typer.Option(None, "--granularity", help="Weight scales: per-tensor | "
+                                                                           "per-channel [profile]."),
+    bn: Optional[str] = typer.Option(None, "--bn", help="fold BN before fine-tuning (default) | keep it float."),
+    equalize: Optional[bool] = typer.Option(None, "--equalize/--no-equalize", show_default=False,
+                                            help="Cross-layer equalization before quantization [off]."),
+    bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction",
+                                                   show_default=False, help="Bias correction after calibration "
+                                                                            "[off]."),
+    pfq_rule: Optional[str] = typer.Option(None, "--pfq-rule", help="exact (default) | bn-epsilon (guarded "
+                                                                     "approximation) | off."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="QAT fine-tuning epochs, 0 skips it [2]."),
+    train_samples: Optional[int] = typer.Option(None, "--train-samples",
+                                                help="Training images per fine-tuning epoch, 0 = all [0]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Fine-tuning learning rate (Adam) [1e-3]."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="LR schedule: cosine | constant [cosine]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of fine-tuning [0]."),
+    distill: Optional[float] = typer.Option(None, "--distill", help="Knowledge-distillation weight α in [0, 1] "
+                                                                     "from the float model, 0 = off [0]."),
+    val_images: Optional[int] = typer.Option(None, "--val-images", help="Hold out this many training images for "
+                                                                         "early stopping, 0 = off [0]."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Epochs without validation gain before "
+                                                                     "stopping [2]."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Fine-tuning checkpoint file, written "
+                                                                          "after every epoch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue fine-tuning from --checkpoint."),
     out: Path = typer.Option(Path("pfq-out"), "--out", "-o", help="Output folder (written atomically)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Fashion-MNIST IDX folder "
                                                                       "(default /usr/share/datasets/fashion-mnist)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report summary as JSON on stdout."),
 ) -> None:
-    """Prune (PfQ), quantize, fine-tune, export and estimate a model for a target; write report and package."""
-    from pfq_edge.pipeline import CompileConfig, compile_model
-    from pfq_edge.targets.profile import load_profile
+    """Prune (PfQ), quantize, fine-tune, export and estimate a model for a target; write report and package.
 
-    load_profile(target)  # fail fast on an unknown target, before any heavy import
-    cfg = CompileConfig(model=model, target=target, out=out, weights=weights, epochs=epochs,
-                        train_samples=train_samples or None, lr=lr, seed=seed, data_dir=data_dir, force=force)
+    Options shown with [brackets] override the profile's [quant], [pfq] and [finetune] keys (README, "Workflow
+    options"). Runs unchanged under `torchrun --nproc_per_node=N -m pfq_edge compile …` (rank 0 writes)."""
+    from pfq_edge import dist
+    from pfq_edge.pipeline import CompileConfig, compile_model, effective_profile
+
+    if resume and checkpoint is None:
+        raise PfqError("--resume needs --checkpoint FILE")
+    overrides = {
+        "quant": {"weight_bit_width": weight_bits, "act_bit_width": act_bits, "weight_granularity": granularity,
+                  "first_layer_weight_bit_width": first_layer_bits, "last_layer_weight_bit_width": last_layer_bits,
+                  "bn": bn, "equalize": equalize, "bias_correction": bias_correction},
+        "pfq": {"rule": pfq_rule},
+        "finetune": {"epochs": epochs, "train_samples": train_samples, "lr": lr, "schedule": schedule,
+                     "seed": seed, "distill_alpha": distill, "validation_images": val_images, "patience": patience},
+    }
+    cfg = CompileConfig(model=model, target=target, out=out, weights=weights, overrides=overrides,
+                        data_dir=data_dir, force=force, checkpoint=checkpoint, resume=resume)
+    effective_profile(cfg)  # fail fast on an unknown target or a bad option, before any heavy import
     report = compile_model(cfg, log=None if as_json else _info)
+    if dist.rank_and_world()[0] != 0:
+        return
     if as_json:
         typer.echo(json.dumps({"out": str(out), "summary": report.summary}, indent=2))
     else:
@@ -103,6 +143,14 @@ def _print_summary(report, out: Path) -> None:
     console.print(f"output: {out}/ (report.md, report.json, {report.stages['package']['archive']})")
 
 
+def _check_rule(rule: str) -> None:
+    from pfq_edge.analysis import RULES
+    from pfq_edge.errors import ProfileError
+
+    if rule not in RULES:
+        raise ProfileError(f"--rule must be one of {', '.join(RULES)}, got {rule!r}")
+
+
 def _bits_for(target: str, bits: Optional[int]) -> int:
     from pfq_edge.targets.profile import load_profile
 
@@ -117,6 +165,8 @@ def analyze_cmd(
     target: str = typer.Option("fpga", "--target", "-t", help="Profile whose weight bit width sets the step."),
     bits: Optional[int] = typer.Option(None, "--bits", min=2, max=8, help="Weight bit width (overrides --target)."),
     tol: float = typer.Option(1e-6, "--tol", min=0.0, help="Post-BN std at or below which a filter is constant."),
+    rule: str = typer.Option("exact", "--rule", help="PfQ rule: exact (post-BN std ≤ --tol) | bn-epsilon "
+                                                     "(also σ² ≤ ε: an approximation, check it with data)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of folded-weight range per layer."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ) -> None:
@@ -127,8 +177,10 @@ def analyze_cmd(
     from pfq_edge.analysis import analyze_pfq
     from pfq_edge.zoo import load_model
 
+    _check_rule(rule)
     loaded = load_model(model, weights)
-    _, analysis = analyze_pfq(loaded.module, torch.zeros(1, *loaded.input_shape), bits=_bits_for(target, bits), tol=tol)
+    _, analysis = analyze_pfq(loaded.module, torch.zeros(1, *loaded.input_shape), bits=_bits_for(target, bits), tol=tol,
+                              rule=rule)
     if plot is not None:
         from pfq_edge.plots import plot_folded_ranges
 
@@ -158,7 +210,8 @@ def _print_analysis(model: str, a, plot: Optional[Path]) -> None:
                       f"{r['zero_fraction_before']:.0%}→{r['zero_fraction_after']:.0%}")
     console = _console()
     console.print(table)
-    console.print(f"constant filters (post-BN std ≤ {a.plan.tol:g}): {a.constant_total}; removed {a.constant_removed}; "
+    rule = f"post-BN std ≤ {a.plan.tol:g}" if a.plan.rule == "exact" else "rule bn-epsilon: σ² ≤ ε"
+    console.print(f"constant filters ({rule}): {a.constant_total}; removed {a.constant_removed}; "
                   f"left {a.constant_total - a.constant_removed}. Filters removed in all layers: "
                   f"{a.plan.filters_removed}.")
     for left in a.constant_left:
@@ -175,6 +228,8 @@ def prune_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Pruned model file (.safetensors)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for a module:factory model."),
     tol: float = typer.Option(1e-6, "--tol", min=0.0, help="Post-BN std at or below which a filter is constant."),
+    rule: str = typer.Option("exact", "--rule", help="PfQ rule: exact (post-BN std ≤ --tol) | bn-epsilon "
+                                                     "(also σ² ≤ ε: an approximation, check it with data)."),
     check: int = typer.Option(0, "--check", min=0, help="Compare pruned vs original logits on this many "
                                                          "Fashion-MNIST test images (adapted to the model's input)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
@@ -191,9 +246,10 @@ def prune_cmd(
 
     if out.suffix != ".safetensors":
         raise OutputError(f"--out must end in .safetensors, got {out}")
+    _check_rule(rule)
     loaded = load_model(model, weights)
-    pruned, analysis = analyze_pfq(loaded.module, torch.zeros(1, *loaded.input_shape), tol=tol)
-    result = {"model": model, "out": str(out), "filters_removed": analysis.plan.filters_removed,
+    pruned, analysis = analyze_pfq(loaded.module, torch.zeros(1, *loaded.input_shape), tol=tol, rule=rule)
+    result = {"model": model, "out": str(out), "rule": rule, "filters_removed": analysis.plan.filters_removed,
               "constant_total": analysis.constant_total, "constant_left": analysis.constant_left,
               "exact": all(g.exact for g in analysis.plan.groups)}
     if check:

@@ -16,9 +16,6 @@ from pathlib import Path
 
 from pfq_edge.report import Report
 
-DEFAULT_EPOCHS = 2
-DEFAULT_TRAIN_SAMPLES = None    # images per fine-tuning epoch: None = all 60,000 (else the first N)
-DEFAULT_LR = 1e-3
 CALIBRATION_IMAGES = 1024
 GOLDEN_IMAGES = 256
 EXPORT_ATOL = 1e-3              # |Δlogit| between Brevitas and qonnx execution when no activation flips (~1e-6)
@@ -30,18 +27,19 @@ PRUNE_APPROX_AGREEMENT = 0.99   # top-1 agreement required when removal is appro
 
 @dataclass
 class CompileConfig:
-    """Inputs of one compile. ``epochs`` 0 skips fine-tuning; ``train_samples`` None uses all 60,000 images."""
+    """Inputs of one compile. ``overrides`` replace profile keys per section, e.g. {"quant": {"weight_bit_width":
+    3}, "finetune": {"epochs": 0}} (None values are ignored). ``checkpoint``: fine-tuning checkpoint file, written
+    after every epoch; ``resume`` continues from it."""
 
     model: str
     target: str
     out: Path
     weights: Path | None = None
-    epochs: int = DEFAULT_EPOCHS
-    train_samples: int | None = DEFAULT_TRAIN_SAMPLES
-    lr: float = DEFAULT_LR
-    seed: int = 0
+    overrides: dict = field(default_factory=dict)
     data_dir: Path | None = None
     force: bool = False
+    checkpoint: Path | None = None
+    resume: bool = False
 
 
 @dataclass
@@ -62,18 +60,34 @@ class State:
 
 
 def stage_load(s: State) -> State:
-    """Load the float model and Fashion-MNIST; measure float top-1 on the 10,000 test images."""
-    from pfq_edge.data import load_split
+    """Load the float model and Fashion-MNIST (unless the caller passed them in ``s``); hold out the validation
+    images (the last ``finetune.validation_images`` of the training split); measure float top-1 on the test set."""
+    from pfq_edge.data import Split, load_split
     from pfq_edge.train import accuracy
     from pfq_edge.zoo import load_model
 
-    loaded = load_model(s.cfg.model, s.cfg.weights)
-    s.float_model = loaded.module
-    s.data = {"train": load_split("train", s.cfg.data_dir), "test": load_split("test", s.cfg.data_dir)}
+    weights = s.cfg.weights
+    if s.float_model is None:
+        loaded = load_model(s.cfg.model, s.cfg.weights)
+        s.float_model, weights = loaded.module, loaded.weights
+    if not s.data:
+        s.data = {"train": load_split("train", s.cfg.data_dir), "test": load_split("test", s.cfg.data_dir)}
+    n_val = s.profile.finetune.validation_images
+    if n_val:
+        train = s.data["train"]
+        if n_val >= len(train):
+            from pfq_edge.errors import ProfileError
+
+            raise ProfileError(f"finetune.validation_images = {n_val} leaves no training images (split has "
+                               f"{len(train)})")
+        keep = len(train) - n_val
+        s.data["train"], s.data["val"] = Split(train.images[:keep], train.labels[:keep]), \
+            Split(train.images[keep:], train.labels[keep:])
     _check_io(s.float_model, s.cfg.model, s.data["test"].images[:2], num_classes=10)
-    s.report.add("load", {"model": s.cfg.model, "weights": str(loaded.weights) if loaded.weights else None,
+    s.report.add("load", {"model": s.cfg.model, "weights": str(weights) if weights else None,
                           "parameters": sum(p.numel() for p in s.float_model.parameters()),
-                          "train_images": len(s.data["train"]), "test_images": len(s.data["test"])})
+                          "train_images": len(s.data["train"]), "validation_images": n_val,
+                          "test_images": len(s.data["test"])})
     s.report.add("accuracy", {"float": accuracy(s.float_model, s.data["test"])})
     return s
 
@@ -120,28 +134,48 @@ def prune_golden_check(stage: str, reference, candidate, exact: bool):
 
 
 def stage_prune(s: State) -> State:
-    """PfQ: find constant filters, remove them with compensation, golden-check the pruned float model."""
+    """PfQ with the profile's rule: find constant filters, remove them with compensation, check the pruned float
+    model — rule "exact": golden check on the test images; rule "bn-epsilon": the data guard on the calibration
+    images (top-1 agreement ≥ pfq.min_agreement, else GoldenCheckError); rule "off": nothing removed."""
     from pfq_edge.analysis import analyze_pfq
+    from pfq_edge.golden import golden_check
     from pfq_edge.train import accuracy, predict
 
-    test = s.data["test"]
-    s.pruned_model, analysis = analyze_pfq(s.float_model, test.images[:1], bits=s.profile.quant.weight_bit_width)
+    pfq, test = s.profile.pfq, s.data["test"]
+    if pfq.rule == "off":
+        s.pruned_model = s.float_model
+        s.report.add("prune", {"rule": "off", "filters_removed": 0, "constant_total": 0, "exact": True})
+        return s
+    s.pruned_model, analysis = analyze_pfq(s.float_model, test.images[:1], bits=s.profile.quant.weight_bit_width,
+                                           tol=pfq.tol, rule=pfq.rule)
     exact = all(g.exact for g in analysis.plan.groups)
-    ref, out = predict(s.float_model, test.images).numpy(), predict(s.pruned_model, test.images).numpy()
-    golden = prune_golden_check("prune (PfQ float vs original float)", ref, out, exact)
-    s.report.add("prune", {**analysis.as_dict(), "exact": exact, "golden": golden.as_dict()})
+    record = {**analysis.as_dict(), "exact": exact}
+    if pfq.rule == "bn-epsilon":
+        calib = s.data["train"].images[:CALIBRATION_IMAGES]
+        guard = golden_check(f"PfQ rule bn-epsilon data guard (pruned vs original float on {len(calib)} "
+                             f"calibration images)", predict(s.float_model, calib).numpy(),
+                             predict(s.pruned_model, calib).numpy(), atol=None, min_agreement=pfq.min_agreement)
+        record["guard"] = guard.as_dict()
+    else:
+        ref, out = predict(s.float_model, test.images).numpy(), predict(s.pruned_model, test.images).numpy()
+        record["golden"] = prune_golden_check("prune (PfQ float vs original float)", ref, out, exact).as_dict()
+    s.report.add("prune", record)
     s.report.add("accuracy", {"pfq_float": accuracy(s.pruned_model, test)})
     return s
 
 
 def stage_quantize(s: State) -> State:
-    """Fold BN, insert Brevitas quantizers at the profile's bit widths, calibrate, measure PTQ top-1."""
-    from pfq_edge.quantize import calibrate, quantize_model, weight_bits
+    """Fold BN (or keep it), optionally equalize, insert Brevitas quantizers at the profile's bit widths,
+    calibrate, optionally correct biases, measure PTQ top-1."""
+    from pfq_edge.quantize import calibrate, correct_bias, quantize_model, weight_bits
     from pfq_edge.train import accuracy
 
     spec = s.profile.quant
     s.qmodel = quantize_model(s.pruned_model, spec)
-    calibrate(s.qmodel, s.data["train"].images[:CALIBRATION_IMAGES])
+    calib = s.data["train"].images[:CALIBRATION_IMAGES]
+    calibrate(s.qmodel, calib)
+    if spec.bias_correction:
+        correct_bias(s.qmodel, calib)
     size = weight_bits(s.qmodel)
     s.report.add("quantize", {**spec.model_dump(), "calibration_images": CALIBRATION_IMAGES, **size})
     s.report.add("accuracy", {"quantized_ptq": accuracy(s.qmodel, s.data["test"])})
@@ -149,21 +183,40 @@ def stage_quantize(s: State) -> State:
 
 
 def stage_finetune(s: State) -> State:
-    """Quantization-aware fine-tuning (Adam, cosine LR) for ``epochs`` passes over ``train_samples`` images."""
+    """Quantization-aware fine-tuning with the profile's ``finetune`` settings (Adam, LR schedule, optional
+    distillation from the float model, early stop on the validation images, checkpoint/resume)."""
+    from pfq_edge import dist
     from pfq_edge.train import TrainConfig, accuracy, set_seed, train
 
-    cfg = s.cfg
-    if cfg.epochs == 0:
+    ft = s.profile.finetune
+    if ft.epochs == 0:
         s.report.add("finetune", {"skipped": True, "epochs": 0})
         return s
-    set_seed(cfg.seed)
-    tc = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=128, seed=cfg.seed, max_samples=cfg.train_samples)
-    losses = train(s.qmodel, s.data["train"], tc, description="QAT fine-tuning")
-    s.report.add("finetune", {"epochs": cfg.epochs, "lr": cfg.lr, "seed": cfg.seed, "optimizer": "Adam, cosine LR",
-                              "images_per_epoch": min(cfg.train_samples or len(s.data["train"]),
-                                                      len(s.data["train"])), "loss": losses})
+    set_seed(ft.seed)
+    tc = TrainConfig(epochs=ft.epochs, lr=ft.lr, weight_decay=ft.weight_decay, batch_size=ft.batch_size,
+                     seed=ft.seed, max_samples=ft.train_samples or None, schedule=ft.schedule,
+                     distill_alpha=ft.distill_alpha, distill_temperature=ft.distill_temperature, patience=ft.patience)
+    result = train(s.qmodel, s.data["train"], tc, description="QAT fine-tuning", teacher=s.float_model,
+                   validation=s.data.get("val"), checkpoint=s.cfg.checkpoint, checkpoint_key=_run_key(s),
+                   resume=s.cfg.resume)
+    s.report.add("finetune", {**ft.model_dump(), "optimizer": f"Adam, {ft.schedule} LR",
+                              "images_per_epoch": min(ft.train_samples or len(s.data["train"]),
+                                                      len(s.data["train"])),
+                              "processes": dist.rank_and_world()[1], "loss": result.losses,
+                              "validation_top1": result.val_top1, "best_epoch": result.best_epoch,
+                              "stopped_early": result.stopped_early,
+                              "resumed_after_epoch": result.resumed_after_epoch})
     s.report.add("accuracy", {"finetuned": accuracy(s.qmodel, s.data["test"])})
     return s
+
+
+def _run_key(s: State) -> str:
+    """Identity of a fine-tuning run for its checkpoint: model, weights, settings, training set size."""
+    import hashlib
+
+    facts = {"model": s.cfg.model, "weights": str(s.cfg.weights), "train": len(s.data["train"]),
+             **{k: getattr(s.profile, k).model_dump() for k in ("quant", "pfq", "finetune")}}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
 def stage_export(s: State) -> State:
@@ -234,9 +287,11 @@ def _summarise(s: State) -> None:
         "float_top1": acc.get("float"), "pfq_top1": acc.get("pfq_float"), "quantized_top1": acc.get("quantized_ptq"),
         "finetuned_top1": acc.get("finetuned"),
         "bits": f"W{q.weight_bit_width}A{q.act_bit_width} input {q.input_bit_width}-bit, {q.weight_granularity}",
+        "pfq_rule": s.profile.pfq.rule,
         "filters_removed": s.report.stages["prune"]["filters_removed"],
         "weight_bits": s.report.stages["quantize"]["weight_bits"],
         "bias_params": s.report.stages["quantize"]["bias_params"],
+        "zero_weight_fraction": s.report.stages["quantize"]["zero_weight_fraction"],
         "qonnx_bytes": s.report.stages["export"]["bytes"],
     }
     if s.estimate is not None:
@@ -248,6 +303,26 @@ def _summarise(s: State) -> None:
 
 
 STAGES = [stage_load, stage_prune, stage_quantize, stage_finetune, stage_export, stage_estimate, stage_package]
+ACCURACY_STAGES = STAGES[:4]  # what benchmarks/pfq_accuracy.py runs: the same code path up to the fine-tuned model
+
+
+def run_stages(state: State, stages, log=None) -> State:
+    """Run ``stages`` in order on ``state``, timing each into ``state.report.timings_s``."""
+    for stage in stages:
+        name = stage.__name__.removeprefix("stage_")
+        if log is not None:
+            log(f"stage {name} …")
+        t0 = time.perf_counter()
+        state = stage(state)
+        state.report.timings_s[name] = round(time.perf_counter() - t0, 2)
+    return state
+
+
+def effective_profile(cfg: CompileConfig):
+    """The profile named by ``cfg.target`` with ``cfg.overrides`` applied; raises ProfileError."""
+    from pfq_edge.targets.profile import load_profile, with_overrides
+
+    return with_overrides(load_profile(cfg.target), cfg.overrides)
 
 
 def compile_model(cfg: CompileConfig, log=None) -> Report:
@@ -255,22 +330,29 @@ def compile_model(cfg: CompileConfig, log=None) -> Report:
 
     Raises PfqError subclasses (ProfileError, DataError, ModelError, GoldenCheckError, ToolchainError, OutputError)
     with one-line messages; nothing is left in ``cfg.out`` on failure.
+    Under ``torchrun`` every process fine-tunes its share; only rank 0 exports, estimates and writes ``cfg.out``.
     """
+    import tempfile
+
+    from pfq_edge import dist
     from pfq_edge.io import staged_dir
     from pfq_edge.targets.fit import check_fpga_profile
-    from pfq_edge.targets.profile import load_profile
     from pfq_edge.train import set_seed
 
-    profile = load_profile(cfg.target)
+    profile = effective_profile(cfg)
     check_fpga_profile(profile)
-    set_seed(cfg.seed)
-    with staged_dir(Path(cfg.out), force=cfg.force) as work:
-        state = State(cfg=cfg, profile=profile, report=Report(cfg.model, profile.name), work=work)
-        for stage in STAGES:
-            name = stage.__name__.removeprefix("stage_")
-            if log is not None:
-                log(f"stage {name} …")
-            t0 = time.perf_counter()
-            state = stage(state)
-            state.report.timings_s[name] = round(time.perf_counter() - t0, 2)
-    return state.report
+    rank, _ = dist.init_from_env()
+    set_seed(profile.finetune.seed)
+    if rank != 0:
+        with tempfile.TemporaryDirectory(prefix="pfq-edge-rank") as tmp:
+            state = State(cfg=cfg, profile=profile, report=Report(cfg.model, profile.name), work=Path(tmp))
+            report = run_stages(state, ACCURACY_STAGES).report
+        dist.barrier()  # rank 0 passes it once its output is in place
+        return report
+    try:
+        with staged_dir(Path(cfg.out), force=cfg.force) as work:
+            state = State(cfg=cfg, profile=profile, report=Report(cfg.model, profile.name), work=work)
+            report = run_stages(state, STAGES, log).report
+    finally:
+        dist.barrier()
+    return report

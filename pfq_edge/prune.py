@@ -89,6 +89,7 @@ class PrunePlan:
     skipped: list[Skipped] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     tol: float = DEFAULT_TOL
+    rule: str = "exact"
 
     def removed_by_layer(self) -> dict[str, set[int]]:
         """{conv name: output channels deleted}, over every group (producers, depthwise followers, unused feeders)."""
@@ -275,33 +276,42 @@ def _bn_value(bn: nn.BatchNorm2d, c: int, x: float) -> float:
     return gamma * (x - float(bn.running_mean[c])) / float(bn.running_var[c] + bn.eps) ** 0.5 + beta
 
 
-def plan_pfq(gm: fx.GraphModule, tol: float = DEFAULT_TOL) -> PrunePlan:
+def plan_pfq(gm: fx.GraphModule, tol: float = DEFAULT_TOL, rule: str = "exact") -> PrunePlan:
     """Find the constant filters of every conv → BN chain in ``gm`` (traced by ``graph.trace``) and plan removal.
 
-    Returns a PrunePlan; modifies nothing. The rule is design.md §2's exact one (post-BN std ≤ ``tol``).
+    Returns a PrunePlan; modifies nothing. rule "exact" is design.md §2's (post-BN std ≤ ``tol``); "bn-epsilon"
+    also takes σ² ≤ ε filters, replaced by their mean β — every group is then marked not exact.
     Channels already removed through an earlier chain (a depthwise conv behind a constant filter) are not
     counted twice.
     """
+    from pfq_edge.analysis import RULES
+
+    if rule not in RULES:
+        raise ValueError(f"unknown PfQ rule {rule!r}; known: {', '.join(RULES)}")
     with torch.no_grad():
-        return _plan(gm, tol)
+        plan = _plan(gm, tol, rule)
+    if rule != "exact":
+        for g in plan.groups:
+            g.exact = False
+    return plan
 
 
-def _plan(gm: fx.GraphModule, tol: float) -> PrunePlan:
-    plan = PrunePlan(tol=tol)
+def _plan(gm: fx.GraphModule, tol: float, rule: str) -> PrunePlan:
+    plan = PrunePlan(tol=tol, rule=rule)
     shared = {name for name, n in call_counts(gm).items() if n > 1}
     removed: dict[str, set[int]] = {}  # channels already deleted through an earlier group
     for chain in conv_chains(gm):
         if chain.bn is None:
             continue
         bn = gm.get_submodule(chain.bn)
-        mask = constant_mask(bn, tol)
+        mask = constant_mask(bn, tol, rule)
         if bool(mask.all()):
             plan.warnings.append(f"all {mask.numel()} filters of {chain.conv!r} are constant: everything downstream "
                                  f"of it is constant; one filter is kept so that no layer has 0 channels")
             mask[0] = False
         channels = [int(i) for i in torch.nonzero(mask).flatten() if int(i) not in removed.get(chain.conv, set())]
         if not channels:
-            if bool(constant_mask(bn, tol).all()) and mask.numel() == 1:
+            if bool(constant_mask(bn, tol, rule).all()) and mask.numel() == 1:
                 plan.skipped.append(Skipped(chain.conv, 1, "its only filter is constant; a layer keeps ≥ 1 channel"))
             continue
         try:

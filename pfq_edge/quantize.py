@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from pfq_edge.errors import ModelError
 
+EQUALIZE_ITERS = 20  # Brevitas cross-layer equalization iterations (its examples' choice)
 INPUT_RANGE = 1.0  # pixels arrive scaled to [0, 1] (data.py); the input quantizer's step is 1 / (2^bits - 1)
 _LEARNED_SCALE = {"weight_scaling_impl_type": "parameter_from_stats"}  # LSQ-style: scales train during QAT
 
@@ -48,7 +49,8 @@ def _flatten_modules_to_functions(gm: fx.GraphModule) -> None:
 def quantize_model(model: nn.Module, spec) -> nn.Module:
     """Return a Brevitas model of ``model`` (float, eval) with BN folded and ``spec``'s bit widths.
 
-    spec: QuantSpec (weight/act/input bit widths 2–8, "per-tensor" | "per-channel" weight scales).
+    spec: QuantSpec (weight/act/input bit widths 2–8, first/last layer weight bit widths, "per-tensor" |
+    "per-channel" weight scales, BN "fold" | "keep", cross-layer equalization on/off).
     The result takes (N, C, H, W) float32 in [0, 1] and returns float logits. Raises ModelError if the model cannot
     be traced or holds a BatchNorm shared by two convs (it cannot be folded into both).
     """
@@ -80,7 +82,7 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
 
     # Brevitas traces with its own tracer (its BN-merge patterns rely on it); work on a copy: folding is in place.
     gm = preprocess_for_quantize(copy.deepcopy(model).eval(), trace_model=True, relu6_to_relu=False,
-                                 equalize_iters=0)
+                                 equalize_iters=EQUALIZE_ITERS if spec.equalize else 0, merge_bn=spec.bn == "fold")
     _flatten_modules_to_functions(gm)
     qm = quantize(gm, quant_identity_map=identity_map, compute_layer_map=compute_map, quant_act_map=act_map,
                   requantize_layer_handler_output=False)
@@ -91,8 +93,28 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
         raise ModelError("the quantized model has no single input quantizer (one image input expected)")
     setattr(qm, input_quants[0].target,
             qnn.QuantIdentity(act_quant=_input_quantizer(spec.input_bit_width), return_quant_tensor=True))
+    _set_edge_layer_bits(qm, spec)
     qm.eval()
     return qm
+
+
+def compute_layers(qmodel: nn.Module) -> list[str]:
+    """Names of the weight-quantized layers (conv / linear) in execution order."""
+    if isinstance(qmodel, fx.GraphModule):
+        names = [n.target for n in qmodel.graph.nodes if n.op == "call_module"]
+    else:
+        names = [name for name, _ in qmodel.named_modules()]
+    return [n for n in names if getattr(qmodel.get_submodule(n), "weight_quant", None) is not None]
+
+
+def _set_edge_layer_bits(qm: nn.Module, spec) -> None:
+    # Rebuild the weight quantizer of the first / last layer from its injector with another bit width.
+    layers = compute_layers(qm)
+    for name, bits in ((layers[0], spec.first_layer_weight_bit_width), (layers[-1], spec.last_layer_weight_bit_width)):
+        if bits is not None and bits != spec.weight_bit_width:
+            proxy = qm.get_submodule(name).weight_quant
+            proxy.quant_injector = proxy.quant_injector.let(bit_width=bits)
+            proxy.init_tensor_quant()
 
 
 def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 256) -> None:
@@ -106,17 +128,33 @@ def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 256) ->
     qmodel.eval()
 
 
+def correct_bias(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 256) -> None:
+    """Brevitas bias correction: each layer's bias absorbs the mean shift between its float and quantized
+    outputs on ``images`` (N, C, H, W). Run after ``calibrate``."""
+    from brevitas.graph.calibrate import bias_correction_mode
+
+    qmodel.eval()
+    with torch.no_grad(), bias_correction_mode(qmodel):
+        for i in range(0, len(images), batch_size):
+            qmodel(images[i:i + batch_size])
+    qmodel.eval()
+
+
 def weight_bits(qmodel: nn.Module) -> dict:
     """Logical size: weight storage in bits (Σ numel × bit width) for conv/linear weights; biases counted apart.
 
-    Returns {"weight_bits", "bias_params", "layers": [{"layer", "params", "bit_width", "bits"}]}.
+    Returns {"weight_bits", "bias_params", "zero_weight_fraction" (share of weights whose integer is 0),
+    "layers": [{"layer", "params", "bit_width", "bits", "zero_fraction"}]}.
     """
-    layers, total, bias = [], 0, 0
-    for name, mod in qmodel.named_modules():
-        if hasattr(mod, "weight_quant") and getattr(mod, "weight", None) is not None:
-            bw = int(mod.quant_weight().bit_width)
-            n = mod.weight.numel()
-            layers.append({"layer": name, "params": n, "bit_width": bw, "bits": n * bw})
-            total += n * bw
-            bias += mod.bias.numel() if mod.bias is not None else 0
-    return {"weight_bits": total, "bias_params": bias, "layers": layers}
+    layers, total, bias, zeros, count = [], 0, 0, 0, 0
+    with torch.no_grad():
+        for name, mod in qmodel.named_modules():
+            if hasattr(mod, "weight_quant") and getattr(mod, "weight", None) is not None:
+                qw = mod.quant_weight()
+                bw, n = int(qw.bit_width), mod.weight.numel()
+                z = int((qw.int() == 0).sum())
+                layers.append({"layer": name, "params": n, "bit_width": bw, "bits": n * bw, "zero_fraction": z / n})
+                total, zeros, count = total + n * bw, zeros + z, count + n
+                bias += mod.bias.numel() if mod.bias is not None else 0
+    return {"weight_bits": total, "bias_params": bias, "zero_weight_fraction": zeros / max(count, 1),
+            "layers": layers}

@@ -1,26 +1,53 @@
-"""Training, quantization-aware fine-tuning and evaluation loops (plain PyTorch, CPU).
+"""Training, quantization-aware fine-tuning and evaluation loops (plain PyTorch; CPU, or several processes).
 
-Used by ``examples/train_fashion_mnist.py`` for the float baseline and by the finetune stage for QAT.
+Used by ``examples/train_fashion_mnist.py`` for the float baselines and by the finetune stage for QAT.
+Under ``torchrun --nproc_per_node=N`` (torch.distributed initialised, see ``dist.py``) every global batch is split
+across the processes, gradients and metrics are summed over them, and only rank 0 writes checkpoints, so N
+processes follow the same trajectory as one (up to floating-point summation order).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from pfq_edge import dist
 from pfq_edge.data import Split
+from pfq_edge.errors import ModelError
 from pfq_edge.progress import progress_bar
 
 
 @dataclass
 class TrainConfig:
-    """Optimiser settings: Adam with coupled L2 ``weight_decay`` (torch.optim.Adam), cosine LR over all steps."""
+    """Optimiser settings: Adam with coupled L2 ``weight_decay`` (torch.optim.Adam), LR ``schedule`` over all steps.
+
+    ``distill_alpha`` > 0 adds knowledge distillation from a teacher: (1 − α)·CE + α·T²·KL(teacher_T ‖ student_T).
+    ``patience``: with a validation split, stop after this many epochs without a better validation top-1.
+    """
 
     epochs: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.0
-    batch_size: int = 128
+    batch_size: int = 128           # global batch, split across processes under torchrun
     seed: int = 0
     max_samples: int | None = None  # use only the first N training images per epoch (None: all)
+    schedule: str = "cosine"        # "cosine" (to 0 over all steps) or "constant"
+    distill_alpha: float = 0.0
+    distill_temperature: float = 4.0
+    patience: int = 2
+
+
+@dataclass
+class TrainResult:
+    """Per-epoch mean training ``losses``, validation top-1 per epoch (empty without a split), the epoch whose
+    weights were kept (``best_epoch``, 1-based), whether early stopping ended it, and the epoch resumed after."""
+
+    losses: list[float] = field(default_factory=list)
+    val_top1: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_early: bool = False
+    resumed_after_epoch: int = 0
 
 
 def set_seed(seed: int) -> None:
@@ -34,42 +61,117 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(model, data: Split, cfg: TrainConfig, description: str = "train", on_epoch=None) -> list[float]:
-    """Train ``model`` in place on ``data`` (images (N, 1, H, W) float32, labels (N,)); returns per-epoch mean loss.
+def train(model, data: Split, cfg: TrainConfig, description: str = "train", on_epoch=None, teacher=None,
+          validation: Split | None = None, checkpoint: Path | None = None, checkpoint_key: str = "",
+          resume: bool = False) -> TrainResult:
+    """Train ``model`` in place on ``data`` (images (N, 1, H, W) float32, labels (N,)); returns a TrainResult.
 
     Shuffling uses a generator seeded with ``cfg.seed``, so the same inputs give the same weights.
-    ``on_epoch(epoch, mean_loss)`` (1-based epoch) is called after each epoch, e.g. to evaluate or log.
+    ``teacher``: float model for distillation (used when ``cfg.distill_alpha`` > 0). ``validation``: held-out
+    split evaluated after each epoch; the best epoch's weights are kept and ``cfg.patience`` bounds the wait.
+    ``checkpoint``: file written (atomically, rank 0) after every epoch; with ``resume`` and an existing file,
+    training continues after its last epoch. ``checkpoint_key`` identifies the run (model, settings); a checkpoint
+    of another run raises ModelError. ``on_epoch(epoch, mean_loss)`` (1-based epoch) is called after each epoch.
     """
     import torch
     from torch.nn import functional as F
 
     data = data.subset(cfg.max_samples)
     n = len(data)
+    rank, world = dist.rank_and_world()
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+    else:
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    losses = []
-    with progress_bar(description, total=cfg.epochs * steps_per_epoch) as advance:
-        for epoch in range(cfg.epochs):
+    result, best_state, waited = TrainResult(), None, 0
+    if resume and checkpoint is not None and checkpoint.is_file():
+        state = _load_checkpoint(checkpoint, checkpoint_key)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        best_state, waited = state.get("best_model"), state["waited"]
+        result = TrainResult(state["losses"], state["val_top1"], state["best_epoch"], False, len(state["losses"]))
+    distill = teacher is not None and cfg.distill_alpha > 0
+    if distill:
+        teacher.eval()
+    temp = cfg.distill_temperature
+    with progress_bar(description, total=(cfg.epochs - result.resumed_after_epoch) * steps_per_epoch) as advance:
+        for epoch in range(result.resumed_after_epoch, cfg.epochs):
             model.train()
             order = torch.randperm(n, generator=gen)
-            total = 0.0
+            total = torch.zeros(1, dtype=torch.float64)
             for i in range(steps_per_epoch):
-                idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                loss = F.cross_entropy(model(data.images[idx]), data.labels[idx])
+                batch = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                idx = batch[rank::world]  # this process's share of the global batch
+                logits = model(data.images[idx])
+                # Sum over the local share / global batch size: summing gradients over ranks gives the batch mean.
+                loss_sum = F.cross_entropy(logits, data.labels[idx], reduction="sum")
+                total += loss_sum.detach().double()
+                if distill:
+                    with torch.no_grad():
+                        soft = F.softmax(teacher(data.images[idx]) / temp, dim=1)
+                    kd = F.kl_div(F.log_softmax(logits / temp, dim=1), soft, reduction="sum") * temp * temp
+                    loss_sum = (1 - cfg.distill_alpha) * loss_sum + cfg.distill_alpha * kd
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss_sum / len(batch)).backward()
+                dist.sum_gradients(model)
                 opt.step()
                 sched.step()
-                total += loss.item() * len(idx)
                 advance(1)
-            losses.append(total / n)
+            result.losses.append(float(dist.reduce_sum(total)) / n)
+            if validation is not None:
+                acc = accuracy(model, validation)
+                result.val_top1.append(acc)
+                if result.best_epoch is None or acc > result.val_top1[result.best_epoch - 1]:
+                    result.best_epoch, best_state, waited = epoch + 1, copy.deepcopy(model.state_dict()), 0
+                else:
+                    waited += 1
+            else:
+                result.best_epoch = epoch + 1
+            if checkpoint is not None and rank == 0:
+                _save_checkpoint(checkpoint, checkpoint_key, model, opt, sched, gen, result, best_state, waited)
             if on_epoch is not None:
-                on_epoch(epoch + 1, losses[-1])
+                on_epoch(epoch + 1, result.losses[-1])
                 model.train()
+            if validation is not None and waited >= cfg.patience:
+                result.stopped_early = epoch + 1 < cfg.epochs
+                break
+    if best_state is not None and result.best_epoch != len(result.losses):
+        model.load_state_dict(best_state)
     model.eval()
-    return losses
+    return result
+
+
+def _save_checkpoint(path: Path, key: str, model, opt, sched, gen, result: TrainResult, best_state, waited) -> None:
+    import io
+
+    import torch
+
+    from pfq_edge.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save({"key": key, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "generator": gen.get_state(), "losses": result.losses,
+                "val_top1": result.val_top1, "best_epoch": result.best_epoch, "best_model": best_state,
+                "waited": waited}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path, key: str) -> dict:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:160]}") from None
+    if not isinstance(state, dict) or state.get("key") != key:
+        raise ModelError(f"checkpoint {path} belongs to another run (model, bit widths, PfQ rule or fine-tuning "
+                         f"settings differ); remove it or drop --resume")
+    return state
 
 
 def predict(model, images, batch_size: int = 500):
@@ -87,8 +189,12 @@ def _as_tensor(out):
 
 
 def accuracy(model, data: Split, batch_size: int = 500) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` on ``data``."""
-    logits = predict(model, data.images, batch_size)
-    return float((logits.argmax(1) == data.labels).float().mean())
+    """Top-1 accuracy in [0, 1] of ``model`` on ``data``; under torchrun each process scores its share of the
+    images and the counts are summed, so every process returns the same value."""
+    import torch
 
-
+    rank, world = dist.rank_and_world()
+    idx = torch.arange(rank, len(data), world)
+    logits = predict(model, data.images[idx], batch_size)
+    correct = torch.tensor([float((logits.argmax(1) == data.labels[idx]).sum())], dtype=torch.float64)
+    return float(dist.reduce_sum(correct)) / len(data)

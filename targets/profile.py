@@ -22,12 +22,65 @@ class _Strict(BaseModel):
 
 
 class QuantSpec(_Strict):
-    """Bit widths (2–8) and weight-scale granularity of the quantized network."""
+    """Bit widths (2–8), weight-scale granularity, BN handling and the PTQ aids of the quantized network.
+
+    ``first_layer_weight_bit_width`` / ``last_layer_weight_bit_width`` (None: ``weight_bit_width``) set the first
+    conv and the last compute layer (the classifier). ``bn``: "fold" BN into the conv before fine-tuning (the
+    paper's order, default) or "keep" it float during fine-tuning (quantized weights are then the unfolded ones).
+    ``equalize``: Brevitas cross-layer equalization before quantization; ``bias_correction``: Brevitas bias
+    correction after calibration.
+    """
 
     weight_bit_width: int = Field(4, ge=2, le=8)
     act_bit_width: int = Field(4, ge=2, le=8)
     input_bit_width: int = Field(8, ge=2, le=8)
     weight_granularity: Literal["per-tensor", "per-channel"] = "per-tensor"
+    first_layer_weight_bit_width: int | None = Field(None, ge=2, le=8)
+    last_layer_weight_bit_width: int | None = Field(None, ge=2, le=8)
+    bn: Literal["fold", "keep"] = "fold"
+    equalize: bool = False
+    bias_correction: bool = False
+
+    def label(self) -> str:
+        """Short name, e.g. ``W4A4`` or ``W4A4 per-channel``."""
+        text = f"W{self.weight_bit_width}A{self.act_bit_width}"
+        return text if self.weight_granularity == "per-tensor" else f"{text} per-channel"
+
+
+class PfqSpec(_Strict):
+    """Which filters PfQ removes before quantization (method from arXiv:2011.06751 as read in design.md §2).
+
+    rule "exact" (default): post-BN std ≤ ``tol`` — the output is constant, removal changes nothing but borders.
+    rule "bn-epsilon": every filter with running_var ≤ BN ε is replaced by its mean β (an approximation); guarded:
+    the float model's top-1 agreement with the original on the calibration images must stay ≥ ``min_agreement``,
+    else the compile stops. rule "off": no PfQ (the plain-QAT baseline).
+    """
+
+    rule: Literal["exact", "bn-epsilon", "off"] = "exact"
+    tol: float = Field(1e-6, ge=0)
+    min_agreement: float = Field(0.98, gt=0, le=1.0)
+
+
+class FinetuneSpec(_Strict):
+    """Quantization-aware fine-tuning: Adam (+ coupled L2 ``weight_decay``), LR ``schedule`` over all steps.
+
+    ``train_samples`` 0 uses the whole training split (60,000 images, less ``validation_images``).
+    ``distill_alpha`` > 0 mixes knowledge distillation from the float model into the loss:
+    (1 − α)·CE + α·T²·KL(teacher_T ‖ student_T). ``validation_images`` > 0 holds out the last N training images,
+    evaluates them after every epoch, keeps the best epoch and stops after ``patience`` epochs without gain.
+    """
+
+    epochs: int = Field(2, ge=0)
+    train_samples: int = Field(0, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    batch_size: int = Field(128, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    distill_alpha: float = Field(0.0, ge=0, le=1.0)
+    distill_temperature: float = Field(4.0, gt=0)
+    validation_images: int = Field(0, ge=0)
+    patience: int = Field(2, ge=1)
 
 
 class FpgaSpec(_Strict):
@@ -62,6 +115,8 @@ class Profile(_Strict):
     aliases: list[str] = []
     export_format: Literal["qonnx"] = "qonnx"
     quant: QuantSpec = QuantSpec()
+    pfq: PfqSpec = PfqSpec()
+    finetune: FinetuneSpec = FinetuneSpec()
     fpga: FpgaSpec
     budget: BudgetSpec
     source: str = ""
@@ -71,10 +126,29 @@ class Profile(_Strict):
         return {
             "name": self.name, "kind": self.kind, "aliases": self.aliases, "description": self.description,
             "bits": f"W{self.quant.weight_bit_width}A{self.quant.act_bit_width} (input {self.quant.input_bit_width})",
+            "pfq_rule": self.pfq.rule,
             "granularity": self.quant.weight_granularity, "export": self.export_format,
             "part": self.fpga.part, "board": self.fpga.board, "clock_mhz": self.fpga.clock_mhz,
             "target_fps": self.fpga.target_fps, "latency_budget_ms": self.budget.latency_ms,
         }
+
+
+def _errors(exc: ValidationError) -> str:
+    return "; ".join(f"key {'.'.join(str(p) for p in e['loc']) or '(profile)'!r}: {e['msg']}" for e in exc.errors()[:3])
+
+
+def with_overrides(profile: Profile, overrides: dict[str, dict]) -> Profile:
+    """``profile`` with sections replaced key by key, e.g. {"quant": {"weight_bit_width": 3}}; values set to None
+    are ignored (an option the user did not give). Validated like a file; raises ProfileError naming the key."""
+    data = profile.model_dump()
+    for section, values in overrides.items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            data[section] = {**data[section], **given}
+    try:
+        return Profile(**data)
+    except ValidationError as exc:
+        raise ProfileError(f"option for profile {profile.name!r}: {_errors(exc)}") from None
 
 
 def _parse(path: Path) -> Profile:
@@ -90,8 +164,7 @@ def _parse(path: Path) -> Profile:
     try:
         return Profile(**data, source=str(path))
     except ValidationError as exc:
-        parts = [f"key {'.'.join(str(p) for p in e['loc']) or '(profile)'!r}: {e['msg']}" for e in exc.errors()[:3]]
-        raise ProfileError(f"{path}: " + "; ".join(parts)) from None
+        raise ProfileError(f"{path}: {_errors(exc)}") from None
     except TypeError as exc:
         raise ProfileError(f"{path}: {exc}") from None
 

@@ -225,9 +225,12 @@ def main(argv: list[str] | None = None) -> int:
               "threads": threads}
              for m in args.models.split(",") for b in args.bits.split(",") for meth in args.methods.split(",")
              for seed in args.seeds.split(",")]
-    # pfq+qat on a model without constant filters is plain QAT on the very same model: not run twice.
-    same = {m for m in args.models.split(",") if _filters_removed(m, "exact") == 0}
-    shared = [t for t in tasks if t["method"] == "pfq+qat" and t["model"] in same and "qat" in args.methods.split(",")]
+    # A PfQ rule that removes nothing on a model leaves plain QAT on the very same model: not run twice.
+    methods = args.methods.split(",")
+    nothing = {(m, rule) for m in args.models.split(",") for rule in ("exact", "bn-epsilon")
+               if _filters_removed(m, rule) == 0}
+    shared = [t for t in tasks if t["method"] in ("pfq+qat", "pfq-eps+qat") and "qat" in methods
+              and (t["model"], METHODS[t["method"]]["pfq"]["rule"]) in nothing]
     tasks = [t for t in tasks if t not in shared]
     os.environ["PFQ_EDGE_QUIET"] = "1"
     t0 = time.time()
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in shared:
         base = next(r for r in records if (r["model"], r["bits"], r["method"], r["seed"]) ==
                     (t["model"], t["bits"], "qat", t["seed"]))
-        records.append({**base, "method": "pfq+qat", "same_as": "qat"})
+        records.append({**base, "method": t["method"], "same_as": "qat"})
     tasks += shared
     order = {(t["model"], t["bits"], t["method"], t["seed"]): i for i, t in enumerate(tasks)}
     records.sort(key=lambda r: order[(r["model"], r["bits"], r["method"], r["seed"])])

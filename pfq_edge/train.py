@@ -80,6 +80,10 @@ def train(model, data: Split, cfg: TrainConfig, description: str = "train", on_e
     n = len(data)
     rank, world = dist.rank_and_world()
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
+    state = None
+    if resume and checkpoint is not None and checkpoint.is_file():
+        state = _load_checkpoint(checkpoint, checkpoint_key)
+        model.load_state_dict(state["model"])  # before the optimizer: Brevitas may replace scale parameters here
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
@@ -87,9 +91,7 @@ def train(model, data: Split, cfg: TrainConfig, description: str = "train", on_e
         sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     result, best_state, waited = TrainResult(), None, 0
-    if resume and checkpoint is not None and checkpoint.is_file():
-        state = _load_checkpoint(checkpoint, checkpoint_key)
-        model.load_state_dict(state["model"])
+    if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--train-samples", type=int, default=15000, help="QAT images per epoch")
+    ap.add_argument("--train-samples", type=int, default=10000, help="QAT images per epoch")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--test-images", type=int, default=10000)
     ap.add_argument("--jobs", type=int, default=2)

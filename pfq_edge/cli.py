@@ -108,6 +108,10 @@ def compile_cmd(
 
     if resume and checkpoint is None:
         raise PfqError("--resume needs --checkpoint FILE")
+    if checkpoint is not None:
+        _checkpoint_dir(checkpoint)
+        if resume and not checkpoint.is_file():
+            _info(f"--resume: no checkpoint at {checkpoint} yet; fine-tuning starts from epoch 1")
     overrides = {
         "quant": {"weight_bit_width": weight_bits, "act_bit_width": act_bits, "weight_granularity": granularity,
                   "first_layer_weight_bit_width": first_layer_bits, "last_layer_weight_bit_width": last_layer_bits,
@@ -126,6 +130,17 @@ def compile_cmd(
         typer.echo(json.dumps({"out": str(out), "summary": report.summary}, indent=2))
     else:
         _print_summary(report, out)
+
+
+def _checkpoint_dir(checkpoint: Path) -> None:
+    from pfq_edge.errors import OutputError
+
+    if checkpoint.is_dir():
+        raise OutputError(f"--checkpoint {checkpoint} is a directory; give a file path, e.g. {checkpoint}/qat.pt")
+    try:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the folder of --checkpoint {checkpoint}: {exc.strerror}") from None
 
 
 def _print_summary(report, out: Path) -> None:

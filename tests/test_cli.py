@@ -146,3 +146,53 @@ def test_interrupt_exits_130_and_leaves_nothing(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--pfq-rule", "sigma"], 5, "pfq.rule"),
+    (["--weight-bits", "9"], 5, "quant.weight_bit_width"),
+    (["--granularity", "per-layer"], 5, "quant.weight_granularity"),
+    (["--distill", "1.5"], 5, "finetune.distill_alpha"),
+    (["--val-images", "60000"], 5, "validation_images"),
+    (["--resume"], 2, "--checkpoint"),
+])
+def test_bad_workflow_options_give_one_line(tmp_path, args, code, words):
+    proc = run("compile", "--target", "fpga", "--out", str(tmp_path / "o"), *args)
+    assert proc.returncode == code and one_line_error(proc) and words in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_that_is_a_folder_is_refused(tmp_path):
+    proc = run("compile", "--target", "fpga", "--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path))
+    assert proc.returncode == 8 and one_line_error(proc) and "directory" in proc.stderr
+
+
+def test_resume_continues_the_run_and_refuses_another(tmp_path):
+    ckpt = tmp_path / "ck" / "qat.pt"
+    base = ["compile", "--target", "fpga", "--epochs", "1", "--train-samples", "512", "--checkpoint", str(ckpt),
+            "--val-images", "500", "--json"]
+    first = run(*base, "--out", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert ckpt.is_file()
+    again = run(*base, "--resume", "--out", str(tmp_path / "b"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("a", "b"))
+    assert b["stages"]["finetune"]["resumed_after_epoch"] == 1 and a["stages"]["finetune"]["resumed_after_epoch"] == 0
+    assert b["stages"]["accuracy"]["finetuned"] == a["stages"]["accuracy"]["finetuned"]
+    assert a["stages"]["finetune"]["validation_top1"] == b["stages"]["finetune"]["validation_top1"]
+    other = run(*base, "--resume", "--weight-bits", "3", "--out", str(tmp_path / "c"))
+    assert other.returncode == 4 and one_line_error(other) and "another run" in other.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_analyze_rules_differ_on_the_wide_model():
+    counts = {}
+    for rule in ("exact", "bn-epsilon"):
+        proc = run("analyze", "fashion-dscnn-wide", "--rule", rule, "--json")
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)
+        assert doc["rule"] == rule
+        counts[rule] = doc["constant_total"]
+    assert counts["exact"] == 6 and counts["bn-epsilon"] > counts["exact"]
+    bad = run("analyze", "fashion-dscnn-wide", "--rule", "sigma")
+    assert bad.returncode == 5 and one_line_error(bad)

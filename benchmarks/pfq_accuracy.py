@@ -86,6 +86,14 @@ def _run(task: dict) -> dict:
             "wall_s": round(time.perf_counter() - t0, 1)}
 
 
+def _log(rec: dict) -> None:
+    """One line per finished run on stderr when it is not a terminal (a log file shows progress)."""
+    if not sys.stderr.isatty():
+        result = rec.get("refused") or f"PTQ {rec['ptq_top1']:.4f} → {rec['top1']:.4f}"
+        print(f"{rec['model']} {rec['bits']} {rec['method']} seed {rec['seed']}: {result} ({rec['wall_s']} s)",
+              file=sys.stderr, flush=True)
+
+
 def _filters_removed(model: str, rule: str) -> int:
     import torch
 
@@ -208,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 models, W4A4/W3A3, qat/pfq+qat/pfq-eps+qat, 1 seed")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI (256 QAT images, 500 test images)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--name", default="pfq_accuracy", help="file stem of the results written under --out")
     args = ap.parse_args(argv)
     if args.quick:
         args.bits, args.methods, args.seeds = "W4A4,W3A3", "qat,pfq+qat,pfq-eps+qat", "0"
@@ -243,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             for t in tasks:
                 records.append(_run(t))
                 bar.advance(job)
+                _log(records[-1])
         else:
             import multiprocessing as mp
 
@@ -250,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                 for rec in pool.imap_unordered(_run, tasks):
                     records.append(rec)
                     bar.advance(job)
+                    _log(rec)
     for t in shared:
         base = next(r for r in records if (r["model"], r["bits"], r["method"], r["seed"]) ==
                     (t["model"], t["bits"], "qat", t["seed"]))
@@ -265,10 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     from pfq_edge.io import atomic_write_text
 
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "pfq_accuracy.json", json.dumps({"meta": meta, "rows": rows, "runs": records},
+    atomic_write_text(args.out / f"{args.name}.json", json.dumps({"meta": meta, "rows": rows, "runs": records},
                                                                  indent=2) + "\n")
-    atomic_write_text(args.out / "pfq_accuracy.md", markdown(rows, meta))
-    plot(rows, args.out / "pfq_accuracy.png")
+    atomic_write_text(args.out / f"{args.name}.md", markdown(rows, meta))
+    plot(rows, args.out / f"{args.name}.png")
     print(markdown(rows, meta))
     return 0
 

@@ -240,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
                if _filters_removed(m, rule) == 0}
     shared = [t for t in tasks if t["method"] in ("pfq+qat", "pfq-eps+qat") and "qat" in methods
               and (t["model"], METHODS[t["method"]]["pfq"]["rule"]) in nothing]
-    tasks = [t for t in tasks if t not in shared]
+    # Without fine-tuning (cle-bc) the seed changes nothing: one run, its record repeated for the other seeds.
+    first_seed = int(args.seeds.split(",")[0])
+    repeats = [t for t in tasks if METHODS[t["method"]].get("finetune", {}).get("epochs") == 0
+               and t["seed"] != first_seed]
+    tasks = [t for t in tasks if t not in shared and t not in repeats]
     os.environ["PFQ_EDGE_QUIET"] = "1"
     t0 = time.time()
     records = []
@@ -265,13 +269,18 @@ def main(argv: list[str] | None = None) -> int:
         base = next(r for r in records if (r["model"], r["bits"], r["method"], r["seed"]) ==
                     (t["model"], t["bits"], "qat", t["seed"]))
         records.append({**base, "method": t["method"], "same_as": "qat"})
-    tasks += shared
+    for t in repeats:
+        base = next(r for r in records if (r["model"], r["bits"], r["method"], r["seed"]) ==
+                    (t["model"], t["bits"], t["method"], first_seed))
+        records.append({**base, "seed": t["seed"], "seed_independent": True})
+    executed = len(tasks)
+    tasks += shared + repeats
     order = {(t["model"], t["bits"], t["method"], t["seed"]): i for i, t in enumerate(tasks)}
     records.sort(key=lambda r: order[(r["model"], r["bits"], r["method"], r["seed"])])
     rows = aggregate(records)
     meta = {"command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
             "wall_s": round(time.time() - t0, 1), "machine": f"{os.cpu_count()} cores, {platform.machine()}",
-            "jobs": args.jobs, "threads": threads, "runs": len(tasks), "epochs": args.epochs,
+            "jobs": args.jobs, "threads": threads, "runs": executed, "epochs": args.epochs,
             "train_samples": args.train_samples, "lr": args.lr, "seeds": args.seeds, "test_images": args.test_images}
     from pfq_edge.io import atomic_write_text
 

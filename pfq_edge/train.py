@@ -190,6 +190,11 @@ def _as_tensor(out):
     return out.value if hasattr(out, "value") and not hasattr(out, "dim") else out
 
 
+def top1(logits, data: Split) -> float:
+    """Top-1 accuracy in [0, 1] of ``logits`` (N, classes) against ``data.labels``."""
+    return float((logits.argmax(1) == data.labels).float().mean())
+
+
 def accuracy(model, data: Split, batch_size: int = 500) -> float:
     """Top-1 accuracy in [0, 1] of ``model`` on ``data``; under torchrun each process scores its share of the
     images and the counts are summed, so every process returns the same value."""

@@ -123,9 +123,10 @@ def summary_rows(s: dict) -> list[list]:
         ["quantized (before fine-tuning) top-1", _pct(s.get("quantized_top1"))],
         ["fine-tuned top-1", _pct(s.get("finetuned_top1"))],
         ["bits (weights/activations/input)", s.get("bits", "—")],
-        ["filters removed by PfQ", s.get("filters_removed", "—")],
+        ["PfQ rule / filters removed", f"{s.get('pfq_rule', 'exact')} / {s.get('filters_removed', '—')}"],
         ["logical weight size", f"{s['weight_bits']:,} bits ({s['weight_bits'] / 8 / 1024:.1f} KiB)"
          if "weight_bits" in s else "—"],
+        ["weights quantized to 0", _pct(s.get("zero_weight_fraction"))],
     ]
     if "qonnx_bytes" in s:
         rows += [["biases (float, not in the weight bits)", f"{s['bias_params']:,} parameters"],

@@ -59,9 +59,17 @@ def _run(task: dict) -> dict:
     from pfq_edge.pipeline import ACCURACY_STAGES, CompileConfig, State, effective_profile, run_stages
     from pfq_edge.report import Report
 
+    from pfq_edge.train import predict
+    from pfq_edge.zoo import load_model
+
     torch.set_num_threads(task["threads"])
     if not _DATA:
         _DATA["train"], _DATA["test"] = load_split("train"), load_split("test")
+    test = _DATA["test"].subset(task["test_images"])
+    if task["model"] not in _DATA:  # the float model and its test logits, once per process (stages never modify it)
+        model = load_model(task["model"]).module
+        _DATA[task["model"]] = (model, predict(model, test.images))
+    float_model, float_logits = _DATA[task["model"]]
     method = METHODS[task["method"]]
     overrides = {
         "quant": {**BITS[task["bits"]], **method.get("quant", {})},
@@ -71,7 +79,7 @@ def _run(task: dict) -> dict:
     }
     cfg = CompileConfig(model=task["model"], target="fpga", out=Path("unused"), overrides=overrides)
     state = State(cfg=cfg, profile=effective_profile(cfg), report=Report(task["model"], "fpga"), work=Path("."),
-                  data={"train": _DATA["train"], "test": _DATA["test"].subset(task["test_images"])})
+                  data={"train": _DATA["train"], "test": test, "float_logits": float_logits}, float_model=float_model)
     t0 = time.perf_counter()
     record = {k: task[k] for k in ("model", "bits", "method", "seed")}
     try:
@@ -202,6 +210,22 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _render(path: Path, out: Path, name: str) -> int:
+    """Markdown and PNG again from a results JSON (rows re-aggregated from its runs, in grid order)."""
+    from pfq_edge.io import atomic_write_text
+
+    doc = json.loads(path.read_text())
+    key = {m: i for i, m in enumerate(MODELS)}, {b: i for i, b in enumerate(BITS)}, \
+        {m: i for i, m in enumerate(METHODS)}
+    doc["runs"].sort(key=lambda r: (key[0][r["model"]], key[1][r["bits"]], key[2][r["method"]], r["seed"]))
+    rows = aggregate(doc["runs"])
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{name}.json", json.dumps({**doc, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / f"{name}.md", markdown(rows, doc["meta"]))
+    plot(rows, out / f"{name}.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS[:2]))
@@ -217,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI (256 QAT images, 500 test images)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--name", default="pfq_accuracy", help="file stem of the results written under --out")
+    ap.add_argument("--render", type=Path, help="only re-write the Markdown table and plot from this results JSON")
     args = ap.parse_args(argv)
     if args.quick:
         args.bits, args.methods, args.seeds = "W4A4,W3A3", "qat,pfq+qat,pfq-eps+qat", "0"
@@ -228,12 +253,15 @@ def main(argv: list[str] | None = None) -> int:
         bad = [g for g in given.split(",") if g not in known]
         if bad:
             ap.error(f"unknown {name} {bad[0]!r}; known: {', '.join(known)}")
+    if args.render:
+        return _render(args.render, args.out, args.name)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     tasks = [{"model": m, "bits": b, "method": meth, "seed": int(seed), "epochs": args.epochs,
               "train_samples": args.train_samples, "lr": args.lr, "test_images": args.test_images,
               "threads": threads}
              for m in args.models.split(",") for b in args.bits.split(",") for meth in args.methods.split(",")
              for seed in args.seeds.split(",")]
+    grid = {(t["model"], t["bits"], t["method"], t["seed"]): i for i, t in enumerate(tasks)}
     # A PfQ rule that removes nothing on a model leaves plain QAT on the very same model: not run twice.
     methods = args.methods.split(",")
     nothing = {(m, rule) for m in args.models.split(",") for rule in ("exact", "bn-epsilon")
@@ -275,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         records.append({**base, "seed": t["seed"], "seed_independent": True})
     executed = len(tasks)
     tasks += shared + repeats
-    order = {(t["model"], t["bits"], t["method"], t["seed"]): i for i, t in enumerate(tasks)}
-    records.sort(key=lambda r: order[(r["model"], r["bits"], r["method"], r["seed"])])
+    records.sort(key=lambda r: grid[(r["model"], r["bits"], r["method"], r["seed"])])
     rows = aggregate(records)
     meta = {"command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
             "wall_s": round(time.time() - t0, 1), "machine": f"{os.cpu_count()} cores, {platform.machine()}",

@@ -38,7 +38,10 @@ def export_qonnx(qmodel: torch.nn.Module, example: torch.Tensor, path: Path) -> 
 
 
 def run_qonnx(path: Path, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Execute the QONNX model at ``path`` with qonnx on ``images`` (N, C, H, W) float32; returns outputs (N, ...)."""
+    """Execute the QONNX model at ``path`` with qonnx on ``images`` (N, C, H, W) float32; returns outputs (N, ...).
+
+    Raises ToolchainError (one line: the failing node and qonnx/onnxruntime's reason) if a node cannot execute.
+    """
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.core.onnx_exec import execute_onnx
     from qonnx.transformation.change_batchsize import ChangeBatchSize
@@ -51,5 +54,11 @@ def run_qonnx(path: Path, images: np.ndarray, batch_size: int = 256) -> np.ndarr
         chunk = images[i:i + batch_size]
         if len(chunk) not in models:
             models[len(chunk)] = cleanup_model(ModelWrapper(str(path)).transform(ChangeBatchSize(len(chunk))))
-        outs.append(execute_onnx(models[len(chunk)], {in_name: chunk})[out_name])
+        try:
+            outs.append(execute_onnx(models[len(chunk)], {in_name: chunk})[out_name])
+        except Exception as exc:
+            import re
+
+            text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(exc).split()))  # onnxruntime colours its log
+            raise ToolchainError(f"qonnx cannot execute the exported model {path.name}: {text[:240]}") from None
     return np.concatenate(outs)

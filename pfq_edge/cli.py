@@ -62,34 +62,37 @@ def compile_cmd(
     model: str = typer.Option("fashion-dscnn", "--model", "-m", help="Zoo name or package.module:factory."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict: .safetensors, or a torch file "
                                                                     "loaded with weights_only=True."),
-    weight_bits: Optional[int] = typer.Option(None, "--weight-bits", help="Weight bit width 2–8 [profile]."),
-    act_bits: Optional[int] = typer.Option(None, "--act-bits", help="Activation bit width 2–8 [profile]."),
+    weight_bits: Optional[int] = typer.Option(None, "--weight-bits",
+                                              help="Weight bit width 2–8 (profile quant.weight_bit_width)."),
+    act_bits: Optional[int] = typer.Option(None, "--act-bits",
+                                           help="Activation bit width 2–8 (profile quant.act_bit_width)."),
     first_layer_bits: Optional[int] = typer.Option(None, "--first-layer-bits",
-                                                   help="Weight bit width of the first conv [= --weight-bits]."),
+                                                   help="Weight bit width of the first conv (default: --weight-bits)."),
     last_layer_bits: Optional[int] = typer.Option(None, "--last-layer-bits",
-                                                  help="Weight bit width of the last layer [= --weight-bits]."),
+                                                  help="Weight bit width of the last layer (default: --weight-bits)."),
     granularity: Optional[str] = typer.Option(None, "--granularity", help="Weight scales: per-tensor | "
-                                                                           "per-channel [profile]."),
+                                                                           "per-channel (profile)."),
     bn: Optional[str] = typer.Option(None, "--bn", help="fold BN before fine-tuning (default) | keep it float."),
     equalize: Optional[bool] = typer.Option(None, "--equalize/--no-equalize", show_default=False,
-                                            help="Cross-layer equalization before quantization [off]."),
+                                            help="Cross-layer equalization before quantization (profile; off)."),
     bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction",
                                                    show_default=False, help="Bias correction after calibration "
-                                                                            "[off]."),
+                                                                            "(profile; off)."),
     pfq_rule: Optional[str] = typer.Option(None, "--pfq-rule", help="exact (default) | bn-epsilon (guarded "
                                                                      "approximation) | off."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="QAT fine-tuning epochs, 0 skips it [2]."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="QAT fine-tuning epochs, 0 skips it (profile; 2)."),
     train_samples: Optional[int] = typer.Option(None, "--train-samples",
-                                                help="Training images per fine-tuning epoch, 0 = all [0]."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Fine-tuning learning rate (Adam) [1e-3]."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="LR schedule: cosine | constant [cosine]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of fine-tuning [0]."),
+                                                help="Training images per fine-tuning epoch, 0 = all (profile; 0)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Fine-tuning learning rate, Adam (profile; 1e-3)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule",
+                                           help="LR schedule: cosine | constant (profile; cosine)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of fine-tuning (profile; 0)."),
     distill: Optional[float] = typer.Option(None, "--distill", help="Knowledge-distillation weight α in [0, 1] "
-                                                                     "from the float model, 0 = off [0]."),
+                                                                     "from the float model, 0 = off (profile; 0)."),
     val_images: Optional[int] = typer.Option(None, "--val-images", help="Hold out this many training images for "
-                                                                         "early stopping, 0 = off [0]."),
+                                                                         "early stopping, 0 = off (profile; 0)."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Epochs without validation gain before "
-                                                                     "stopping [2]."),
+                                                                     "stopping (profile; 2)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Fine-tuning checkpoint file, written "
                                                                           "after every epoch."),
     resume: bool = typer.Option(False, "--resume", help="Continue fine-tuning from --checkpoint."),
@@ -101,8 +104,8 @@ def compile_cmd(
 ) -> None:
     """Prune (PfQ), quantize, fine-tune, export and estimate a model for a target; write report and package.
 
-    Options shown with [brackets] override the profile's [quant], [pfq] and [finetune] keys (README, "Workflow
-    options"). Runs unchanged under `torchrun --nproc_per_node=N -m pfq_edge compile …` (rank 0 writes)."""
+    Options marked "profile" override the keys of the profile's quant, pfq and finetune sections (README,
+    "Workflow options"). Runs unchanged under `torchrun --nproc_per_node=N -m pfq_edge compile …` (rank 0 writes)."""
     from pfq_edge import dist
     from pfq_edge.pipeline import CompileConfig, compile_model, effective_profile
 
@@ -112,6 +115,10 @@ def compile_cmd(
         _checkpoint_dir(checkpoint)
         if resume and not checkpoint.is_file():
             _info(f"--resume: no checkpoint at {checkpoint} yet; fine-tuning starts from epoch 1")
+        elif resume:
+            from pfq_edge.train import read_checkpoint
+
+            read_checkpoint(checkpoint)  # a corrupt file fails now, not after minutes of work
     overrides = {
         "quant": {"weight_bit_width": weight_bits, "act_bit_width": act_bits, "weight_granularity": granularity,
                   "first_layer_weight_bit_width": first_layer_bits, "last_layer_weight_bit_width": last_layer_bits,
@@ -137,10 +144,14 @@ def _checkpoint_dir(checkpoint: Path) -> None:
 
     if checkpoint.is_dir():
         raise OutputError(f"--checkpoint {checkpoint} is a directory; give a file path, e.g. {checkpoint}/qat.pt")
+    import tempfile
+
     try:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=checkpoint.parent, prefix=".pfq-edge-probe"):
+            pass
     except OSError as exc:
-        raise OutputError(f"cannot create the folder of --checkpoint {checkpoint}: {exc.strerror}") from None
+        raise OutputError(f"cannot write --checkpoint {checkpoint}: {exc.strerror}") from None
 
 
 def _print_summary(report, out: Path) -> None:
@@ -160,10 +171,9 @@ def _print_summary(report, out: Path) -> None:
 
 def _check_rule(rule: str) -> None:
     from pfq_edge.analysis import RULES
-    from pfq_edge.errors import ProfileError
 
     if rule not in RULES:
-        raise ProfileError(f"--rule must be one of {', '.join(RULES)}, got {rule!r}")
+        raise PfqError(f"--rule must be one of {', '.join(RULES)}, got {rule!r}")
 
 
 def _bits_for(target: str, bits: Optional[int]) -> int:

@@ -88,7 +88,8 @@ def stage_load(s: State) -> State:
                           "parameters": sum(p.numel() for p in s.float_model.parameters()),
                           "train_images": len(s.data["train"]), "validation_images": n_val,
                           "test_images": len(s.data["test"])})
-    s.data["float_logits"] = predict(s.float_model, s.data["test"].images)  # reused by the prune checks
+    if "float_logits" not in s.data:  # a caller running many configurations of one model passes them in
+        s.data["float_logits"] = predict(s.float_model, s.data["test"].images)  # reused by the prune checks
     s.report.add("accuracy", {"float": top1(s.data["float_logits"], s.data["test"])})
     return s
 

@@ -59,39 +59,19 @@ def render_markdown(doc: dict) -> str:
     out += ["## Summary", "", _table(["quantity", "value"], summary_rows(s)), ""]
     prune = st.get("prune", {})
     if prune:
-        out += ["## PfQ: constant filters removed", "",
-                f"Rule: post-BN std ≤ {prune.get('tol')} (design.md §2). Filters removed: "
-                f"**{prune.get('filters_removed', 0)}**. Output change on {prune.get('golden', {}).get('images')} "
-                f"test images: max |Δlogit| {prune.get('golden', {}).get('max_abs_diff', 0):.3g}, top-1 agreement "
-                f"{_pct(prune.get('golden', {}).get('argmax_agreement'))} "
-                f"({'exact' if prune.get('exact') else 'approximate at zero-padded borders'}).", ""]
-        rows = [[r["layer"], r["kind"], r["channels_before"], r["channels_after"], r["constant_filters"],
-                 r["removed_filters"], r["range_inflating_filters"], f"{r['folded_max_abs_before']:.3g}",
-                 f"{r['folded_max_abs_after']:.3g}", f"{r['zero_fraction_before']:.1%}",
-                 f"{r['zero_fraction_after']:.1%}"] for r in prune.get("layers", [])]
-        out += [f"Folded-weight range (max |W'|) and the share of weights that round to 0 with a per-tensor "
-                f"{prune.get('bits')}-bit step, before and after PfQ:", "",
-                _table(["layer", "kind", "channels before", "after", "constant filters", "filters removed",
-                        "σ²≤ε but informative", "folded max|W'| before", "after", "→0 before", "after"], rows), "",
-                "Filters removed include depthwise channels fed by a removed filter and filters whose only reader "
-                "was a removed depthwise channel.", ""]
-        out.append(f"Constant filters: {prune.get('constant_total', 0)} found, {prune.get('constant_removed', 0)} "
-                   f"removed; each one left is listed with its reason:")
-        for left in prune.get("constant_left", []):
-            out.append(f"- `{left['layer']}`: {left['filters']} constant filters left — {left['reason']}")
-        for w in prune.get("warnings", []):
-            out.append(f"- warning: {w}")
-        out.append("")
+        out += _prune_section(prune)
+    out += _settings_section(st.get("quantize", {}), st.get("finetune", {}))
     acc = st.get("accuracy", {})
     if acc:
         out += ["## Accuracy (top-1, Fashion-MNIST test set)", "",
                 _table(["stage", "top-1"], [[k, _pct(v)] for k, v in acc.items()]), ""]
-    golden = [g for g in (st.get("prune", {}).get("golden"), st.get("export", {}).get("golden")) if g]
+    golden = [g for g in (prune.get("golden"), prune.get("guard"), st.get("export", {}).get("golden")) if g]
     if golden:
         out += ["## Golden checks", "", _table(
             ["stage", "images", "max abs diff", "top-1 agreement", "images with |Δ| > atol", "passed"],
             [[g["stage"], g["images"], f"{g['max_abs_diff']:.3g}", _pct(g["argmax_agreement"]),
-              f"{g['mismatched_images']} (atol {g['atol']}, allowed {g['max_mismatch_fraction']:.0%})", g["passed"]]
+              f"{g['mismatched_images']} (atol {g['atol']}, allowed {g['max_mismatch_fraction']:.0%})"
+              if g["atol"] is not None else "— (top-1 agreement only)", g["passed"]]
              for g in golden]), "",
                 "Images with |Δ| > atol are one-step rounding flips: float32 sums in another order land a value on the "
                 "other side of a quantization boundary (see pfq_edge/golden.py).", ""]
@@ -113,6 +93,65 @@ def render_markdown(doc: dict) -> str:
         out += ["## Stage times", "", _table(["stage", "seconds"],
                                               [[k, f"{v:.1f}"] for k, v in doc["timings_s"].items()]), ""]
     return "\n".join(out)
+
+
+def _prune_section(prune: dict) -> list[str]:
+    rule = prune.get("rule", "exact")
+    if rule == "off":
+        return ["## PfQ", "", "Rule `off`: no filter removed (plain quantization-aware fine-tuning).", ""]
+    check = prune.get("golden") or prune.get("guard") or {}
+    where = "calibration" if rule == "bn-epsilon" else "test"
+    text = ("post-BN std ≤ %g (exact; design.md §2)" % prune.get("tol") if rule == "exact" else
+            "bn-epsilon: running_var ≤ ε treated as constant and replaced by β (approximate; guarded by top-1 "
+            f"agreement ≥ {_pct(check.get('min_agreement'))} on the calibration images)")
+    out = ["## PfQ: constant filters removed", "",
+           f"Rule: {text}. Filters removed: **{prune.get('filters_removed', 0)}**. Output change on "
+           f"{check.get('images')} {where} images: max |Δlogit| {check.get('max_abs_diff', 0):.3g}, top-1 agreement "
+           f"{_pct(check.get('argmax_agreement'))} "
+           f"({'exact' if prune.get('exact') else 'approximate'}).", ""]
+    rows = [[r["layer"], r["kind"], r["channels_before"], r["channels_after"], r["constant_filters"],
+             r["removed_filters"], r["range_inflating_filters"], f"{r['folded_max_abs_before']:.3g}",
+             f"{r['folded_max_abs_after']:.3g}", f"{r['zero_fraction_before']:.1%}",
+             f"{r['zero_fraction_after']:.1%}"] for r in prune.get("layers", [])]
+    out += [f"Folded-weight range (max |W'|) and the share of weights that round to 0 with a per-tensor "
+            f"{prune.get('bits')}-bit step, before and after PfQ:", "",
+            _table(["layer", "kind", "channels before", "after", "constant filters", "filters removed",
+                    "σ²≤ε kept", "folded max|W'| before", "after", "→0 before", "after"], rows), "",
+            "Filters removed include depthwise channels fed by a removed filter and filters whose only reader "
+            "was a removed depthwise channel.", ""]
+    left = prune.get("constant_left", [])
+    out.append(f"Constant filters (by this rule): {prune.get('constant_total', 0)} found, "
+               f"{prune.get('constant_removed', 0)} removed" + ("; left, with the reason:" if left else "."))
+    out += [f"- `{x['layer']}`: {x['filters']} constant filters left — {x['reason']}" for x in left]
+    out += [f"- warning: {w}" for w in prune.get("warnings", [])]
+    return out + [""]
+
+
+def _settings_section(quant: dict, ft: dict) -> list[str]:
+    """What the quantize and finetune stages were asked to do, and what fine-tuning did."""
+    if not quant:
+        return []
+    layers = quant.get("layers", [])
+    edge = f"first layer {layers[0]['bit_width']}-bit, last layer {layers[-1]['bit_width']}-bit" if layers else ""
+    rows = [["weights / activations / input", f"{quant.get('weight_bit_width')} / {quant.get('act_bit_width')} / "
+                                                f"{quant.get('input_bit_width')} bits ({edge})"],
+            ["weight scales", quant.get("weight_granularity")], ["BatchNorm", quant.get("bn")],
+            ["cross-layer equalization / bias correction", f"{quant.get('equalize')} / {quant.get('bias_correction')}"],
+            ["calibration images", quant.get("calibration_images")]]
+    if ft.get("skipped"):
+        rows.append(["fine-tuning", "skipped (0 epochs)"])
+    elif ft:
+        rows += [["fine-tuning", f"{ft['epochs']} epochs × {ft['images_per_epoch']:,} images, {ft['optimizer']}, "
+                                 f"lr {ft['lr']:g}, batch {ft['batch_size']}, seed {ft['seed']}, "
+                                 f"{ft['processes']} process(es)"],
+                 ["distillation α / T", f"{ft['distill_alpha']:g} / {ft['distill_temperature']:g}"],
+                 ["loss per epoch", ", ".join(f"{x:.4f}" for x in ft["loss"])]]
+        if ft.get("validation_top1"):
+            rows += [["validation top-1 per epoch", ", ".join(_pct(x) for x in ft["validation_top1"])],
+                     ["kept epoch", f"{ft['best_epoch']} (early stop: {ft['stopped_early']})"]]
+        if ft.get("resumed_after_epoch"):
+            rows.append(["resumed after epoch", ft["resumed_after_epoch"]])
+    return ["## Quantization and fine-tuning", "", _table(["setting", "value"], rows), ""]
 
 
 def summary_rows(s: dict) -> list[list]:

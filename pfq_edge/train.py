@@ -22,7 +22,8 @@ from pfq_edge.progress import progress_bar
 class TrainConfig:
     """Optimiser settings: Adam with coupled L2 ``weight_decay`` (torch.optim.Adam), LR ``schedule`` over all steps.
 
-    ``distill_alpha`` > 0 adds knowledge distillation from a teacher: (1 − α)·CE + α·T²·KL(teacher_T ‖ student_T).
+    ``distill_alpha`` > 0 adds knowledge distillation from a teacher:
+    (1 − α)·CE + α·T²·KL(teacher_T ‖ student_T).
     ``patience``: with a validation split, stop after this many epochs without a better validation top-1.
     """
 
@@ -40,8 +41,9 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """Per-epoch mean training ``losses``, validation top-1 per epoch (empty without a split), the epoch whose
-    weights were kept (``best_epoch``, 1-based), whether early stopping ended it, and the epoch resumed after."""
+    """Per-epoch mean training ``losses``; validation top-1 before fine-tuning (index 0) and after each epoch
+    (empty without a split); the epoch whose weights were kept (``best_epoch``; 0 = the weights before
+    fine-tuning); whether early stopping ended it; and the epoch resumed after."""
 
     losses: list[float] = field(default_factory=list)
     val_top1: list[float] = field(default_factory=list)
@@ -68,7 +70,8 @@ def train(model, data: Split, cfg: TrainConfig, description: str = "train", on_e
 
     Shuffling uses a generator seeded with ``cfg.seed``, so the same inputs give the same weights.
     ``teacher``: float model for distillation (used when ``cfg.distill_alpha`` > 0). ``validation``: held-out
-    split evaluated after each epoch; the best epoch's weights are kept and ``cfg.patience`` bounds the wait.
+    split evaluated before fine-tuning and after each epoch; the best weights are kept (possibly the ones before
+    fine-tuning) and ``cfg.patience`` bounds the wait.
     ``checkpoint``: file written (atomically, rank 0) after every epoch; with ``resume`` and an existing file,
     training continues after its last epoch. ``checkpoint_key`` identifies the run (model, settings); a checkpoint
     of another run raises ModelError. ``on_epoch(epoch, mean_loss)`` (1-based epoch) is called after each epoch.
@@ -97,6 +100,9 @@ def train(model, data: Split, cfg: TrainConfig, description: str = "train", on_e
         gen.set_state(state["generator"])
         best_state, waited = state.get("best_model"), state["waited"]
         result = TrainResult(state["losses"], state["val_top1"], state["best_epoch"], False, len(state["losses"]))
+    elif validation is not None:  # the quantized model before fine-tuning is the first candidate to keep
+        result.val_top1, result.best_epoch = [accuracy(model, validation)], 0
+        best_state = copy.deepcopy(model.state_dict())
     distill = teacher is not None and cfg.distill_alpha > 0
     if distill:
         teacher.eval()
@@ -128,7 +134,7 @@ def train(model, data: Split, cfg: TrainConfig, description: str = "train", on_e
             if validation is not None:
                 acc = accuracy(model, validation)
                 result.val_top1.append(acc)
-                if result.best_epoch is None or acc > result.val_top1[result.best_epoch - 1]:
+                if acc > result.val_top1[result.best_epoch]:
                     result.best_epoch, best_state, waited = epoch + 1, copy.deepcopy(model.state_dict()), 0
                 else:
                     waited += 1
@@ -155,22 +161,37 @@ def _save_checkpoint(path: Path, key: str, model, opt, sched, gen, result: Train
 
     from pfq_edge.io import atomic_write_bytes
 
+    from pfq_edge.errors import OutputError
+
     buf = io.BytesIO()
     torch.save({"key": key, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "generator": gen.get_state(), "losses": result.losses,
                 "val_top1": result.val_top1, "best_epoch": result.best_epoch, "best_model": best_state,
                 "waited": waited}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as exc:
+        raise OutputError(f"cannot write checkpoint {path}: {exc.strerror}") from None
 
 
-def _load_checkpoint(path: Path, key: str) -> dict:
+def read_checkpoint(path: Path) -> dict:
+    """A fine-tuning checkpoint written by ``train`` (torch.load with weights_only=True: no code runs).
+    Raises ModelError if the file is unreadable or not a pfq-edge checkpoint."""
     import torch
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:160]}") from None
-    if not isinstance(state, dict) or state.get("key") != key:
+    except Exception:
+        state = None
+    if not isinstance(state, dict) or not {"key", "model", "optimizer", "generator"} <= set(state):
+        raise ModelError(f"checkpoint {path} is not a pfq-edge fine-tuning checkpoint (unreadable or another "
+                         f"format); remove it or drop --resume")
+    return state
+
+
+def _load_checkpoint(path: Path, key: str) -> dict:
+    state = read_checkpoint(path)
+    if state.get("key") != key:
         raise ModelError(f"checkpoint {path} belongs to another run (model, bit widths, PfQ rule or fine-tuning "
                          f"settings differ); remove it or drop --resume")
     return state

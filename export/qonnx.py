@@ -42,11 +42,13 @@ def run_qonnx(path: Path, images: np.ndarray, batch_size: int = 256) -> np.ndarr
 
     Raises ToolchainError (one line: the failing node and qonnx/onnxruntime's reason) if a node cannot execute.
     """
+    import onnxruntime
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.core.onnx_exec import execute_onnx
     from qonnx.transformation.change_batchsize import ChangeBatchSize
     from qonnx.util.cleanup import cleanup_model
 
+    onnxruntime.set_default_logger_severity(4)  # a failing node is reported once, in our error, not in ORT's log
     base = ModelWrapper(str(path))
     in_name, out_name = base.graph.input[0].name, base.graph.output[0].name
     outs, models = [], {}

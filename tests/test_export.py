@@ -121,3 +121,24 @@ def test_residual_basic_block_exports_and_passes_golden_check(tmp_path, images):
     assert "Add" in ops
     result = golden_check("export", predict(qm, images).numpy(), run_qonnx(path, images.numpy()), atol=1e-3)
     assert result.passed
+
+
+def test_a_node_qonnx_cannot_execute_is_a_toolchain_error(images, tmp_path):
+    # The EfficientNet transfer model upsamples with F.interpolate(bilinear); qonnx's onnxruntime refuses the Resize
+    # node the exporter writes. That must be exit 7 with the node named, not an internal error.
+    from pfq_edge.errors import ToolchainError
+
+    class Upsampled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = tiny_dscnn()
+
+        def forward(self, x):
+            return self.body(nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False))
+
+    qm = quantize_model(randomize_bn(Upsampled()), QuantSpec())
+    calibrate(qm, images)
+    path = export_qonnx(qm, images[:1], tmp_path / "up.onnx")
+    with pytest.raises(ToolchainError, match="Resize") as err:  # onnxruntime 1.25.1 (constraints.txt)
+        run_qonnx(path, images[:4].numpy())
+    assert "\n" not in str(err.value) and "\x1b" not in str(err.value)

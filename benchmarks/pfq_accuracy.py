@@ -8,6 +8,7 @@ Every run goes through the compile's own stages (``pipeline.ACCURACY_STAGES``: l
 with profile overrides, so a method here is exactly what ``pfq-edge compile`` does with the same options:
 
     qat           plain QAT, no PfQ                           --pfq-rule off
+    ptq / pfq+ptq calibration only, without / with PfQ (exact) --epochs 0 (not in the default grid)
     cle-bc        cross-layer equalization + bias correction, no fine-tuning (PTQ)
     cle-bc+qat    the same, then QAT
     pfq+qat       PfQ, exact rule (design.md §2), then QAT     (default of pfq-edge compile)
@@ -33,6 +34,8 @@ from pathlib import Path
 
 METHODS = {
     "qat": {"pfq": {"rule": "off"}},
+    "ptq": {"pfq": {"rule": "off"}, "finetune": {"epochs": 0}},
+    "pfq+ptq": {"pfq": {"rule": "exact"}, "finetune": {"epochs": 0}},
     "cle-bc": {"pfq": {"rule": "off"}, "quant": {"equalize": True, "bias_correction": True}, "finetune": {"epochs": 0}},
     "cle-bc+qat": {"pfq": {"rule": "off"}, "quant": {"equalize": True, "bias_correction": True}},
     "pfq+qat": {"pfq": {"rule": "exact"}},
@@ -187,7 +190,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    markers = dict(zip(METHODS, "osD^vP"))
+    markers = dict(zip(METHODS, "osD^vPXh"))
     for ax, model in zip(axes[0], models):
         for method in METHODS:
             pts = [r for r in rows if r["model"] == model and r["method"] == method and "top1_mean" in r]
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS[:2]))
     ap.add_argument("--bits", default=",".join(BITS))
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(m for m in METHODS if "ptq" not in m))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--train-samples", type=int, default=10000, help="QAT images per epoch")

@@ -63,9 +63,3 @@ def barrier() -> None:
     if rank_and_world()[1] > 1:
         td.barrier()
 
-
-def shutdown() -> None:
-    import torch.distributed as td
-
-    if td.is_available() and td.is_initialized():
-        td.destroy_process_group()

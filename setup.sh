@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up pfq-edge on a fresh Debian machine (idempotent; a second run with nothing changed takes about a second):
-#   1. the Debian package dataset-fashion-mnist (real Fashion-MNIST IDX files under /usr/share/datasets),
+#   1. the Debian packages dataset-fashion-mnist (real Fashion-MNIST IDX files under /usr/share/datasets) and
+#      gcc-aarch64-linux-gnu (links the TVM library of the cpu-aarch64 and gpu-cuda targets),
 #   2. a virtual environment .venv with the pinned dependency set (constraints.txt; torch 2.13.0 CPU wheel),
 #   3. finn-plus 1.6.1 and mip without their dependencies (finn-plus pins brevitas 0.13.0, broken on torch 2.13;
 #      mip would pull a 600 MB solver the FINN estimate flow never calls),
@@ -8,11 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || ! command -v aarch64-linux-gnu-gcc >/dev/null; then
   SUDO=""; if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
-  echo "setup: installing Debian package dataset-fashion-mnist" >&2
+  echo "setup: installing Debian packages dataset-fashion-mnist gcc-aarch64-linux-gnu" >&2
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist gcc-aarch64-linux-gnu >/dev/null
 fi
 
 stamp=.venv/.pfq-edge-setup

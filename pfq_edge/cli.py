@@ -42,6 +42,9 @@ def _console():
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
+BUDGET_MISSED_EXIT = 9  # the compile succeeded, but the result misses its profile's fit or latency budget
+
+
 def _fail(message: str, code: int) -> None:
     typer.echo(f"pfq-edge: error: {message}", err=True)
     sys.exit(code)
@@ -96,18 +99,25 @@ def compile_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Fine-tuning checkpoint file, written "
                                                                           "after every epoch."),
     resume: bool = typer.Option(False, "--resume", help="Continue fine-tuning from --checkpoint."),
+    tune_trials: Optional[int] = typer.Option(None, "--tune-trials", help="CPU targets: TVM MetaSchedule tuning "
+                                                                           "trials, 0 = untuned (profile; 0)."),
+    tuning_db: Optional[Path] = typer.Option(None, "--tuning-db", help="CPU targets: reuse this MetaSchedule "
+                                                                        "database folder (default: --out's "
+                                                                        "tvm_tuning/ if it exists)."),
     out: Path = typer.Option(Path("pfq-out"), "--out", "-o", help="Output folder (written atomically)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Fashion-MNIST IDX folder "
                                                                       "(default /usr/share/datasets/fashion-mnist)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report summary as JSON on stdout."),
 ) -> None:
-    """Prune (PfQ), quantize, fine-tune, export and estimate a model for a target; write report and package.
+    """Prune (PfQ), quantize, fine-tune, export and compile a model for a target; write report and package.
 
-    Options marked "profile" override the keys of the profile's quant, pfq and finetune sections (README,
+    FPGA targets: QONNX + FINN estimate. CPU/GPU targets: QCDQ ONNX + TVM library, golden-checked, with latency
+    against onnxruntime and torch. Exit 9: done, but the result misses the profile's budget (fit or latency).
+    Options marked "profile" override the keys of the profile's quant, pfq, finetune and runtime sections (README,
     "Workflow options"). Runs unchanged under `torchrun --nproc_per_node=N -m pfq_edge compile …` (rank 0 writes)."""
     from pfq_edge import dist
-    from pfq_edge.pipeline import CompileConfig, compile_model, effective_profile
+    from pfq_edge.pipeline import CompileConfig, budget_missed, compile_model, effective_profile
 
     if resume and checkpoint is None:
         raise PfqError("--resume needs --checkpoint FILE")
@@ -126,9 +136,12 @@ def compile_cmd(
         "pfq": {"rule": pfq_rule},
         "finetune": {"epochs": epochs, "train_samples": train_samples, "lr": lr, "schedule": schedule,
                      "seed": seed, "distill_alpha": distill, "validation_images": val_images, "patience": patience},
+        "runtime": {"tune_trials": tune_trials},
     }
+    if tuning_db is not None and not (tuning_db / "database_tuning_record.json").is_file():
+        raise PfqError(f"--tuning-db {tuning_db}: no MetaSchedule database there (database_tuning_record.json)")
     cfg = CompileConfig(model=model, target=target, out=out, weights=weights, overrides=overrides,
-                        data_dir=data_dir, force=force, checkpoint=checkpoint, resume=resume)
+                        data_dir=data_dir, force=force, checkpoint=checkpoint, resume=resume, tuning_db=tuning_db)
     effective_profile(cfg)  # fail fast on an unknown target or a bad option, before any heavy import
     report = compile_model(cfg, log=None if as_json else _info)
     if dist.rank_and_world()[0] != 0:
@@ -137,6 +150,9 @@ def compile_cmd(
         typer.echo(json.dumps({"out": str(out), "summary": report.summary}, indent=2))
     else:
         _print_summary(report, out)
+    missed = budget_missed(report.summary)
+    if missed:
+        _fail(f"budget missed: {missed}; the output in {out} is complete", BUDGET_MISSED_EXIT)
 
 
 def _checkpoint_dir(checkpoint: Path) -> None:
@@ -318,12 +334,18 @@ def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-read
     from rich.table import Table
 
     table = Table(title="pfq-edge targets")
-    for col in ("name (aliases)", "bits", "part @ clock", "fps goal", "latency budget"):
+    for col in ("name (aliases)", "kind", "bits", "device", "goal", "latency budget"):
         table.add_column(col)
     for r in rows:
         name = r["name"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
-        table.add_row(name, f"{r['bits']}, {r['granularity']}", f"{r['part']} @ {r['clock_mhz']:g} MHz",
-                      str(r["target_fps"]), f"{r['latency_budget_ms']} ms")
+        if r["kind"] == "fpga":
+            device, goal = f"{r['part']} @ {r['clock_mhz']:g} MHz (FINN)", f"{r['target_fps']} fps"
+        else:
+            cpu = r["mcpu"] + (f", {r['mtriple']}" if r["mtriple"] else "")
+            device = f"TVM cuda {r['arch']} (host {cpu})" if r["tvm_target"] == "cuda" else f"TVM llvm {cpu}"
+            goal = f"batch {r['batch_size']}, {r['threads'] or 'all'} threads"
+        table.add_row(name, r["kind"], f"{r['bits']}, {r['granularity']}", device, goal,
+                      f"{r['latency_budget_ms']} ms")
     _console().print(table)
 
 

@@ -1,6 +1,7 @@
 """``pfq-edge compile``: one model object flowing through named stages, each appending to one Report.
 
-    load → prune (PfQ) → quantize → finetune → export (QONNX) → estimate (FINN + fit/budget) → package
+    FPGA:    load → prune (PfQ) → quantize → finetune → export (QONNX) → estimate (FINN + fit/budget) → package
+    CPU/GPU: load → prune (PfQ) → quantize → finetune → export_qcdq → build (TVM) → measure (latency) → package
 
 Each stage is ``stage(state) -> state``; ``state.report`` collects what each one measured. Output is built in a
 staging folder and moved into place only when every stage (and every golden check) has passed.
@@ -23,13 +24,15 @@ EXPORT_MIN_AGREEMENT = 0.99     # top-1 agreement, QONNX vs Brevitas
 EXPORT_MAX_FLIPPED = 0.25       # share of images allowed a one-step rounding flip (seen: 23/256 = 9% after full QAT)
 PRUNE_EXACT_ATOL = 1e-4         # |Δlogit| when PfQ removal is exact (no constant meets zero padding)
 PRUNE_APPROX_AGREEMENT = 0.99   # top-1 agreement required when removal is approximate at the borders
+TVM_MIN_AGREEMENT = 1.0         # top-1 agreement, TVM library (fresh process) vs the QCDQ model in onnxruntime
 
 
 @dataclass
 class CompileConfig:
     """Inputs of one compile. ``overrides`` replace profile keys per section, e.g. {"quant": {"weight_bit_width":
     3}, "finetune": {"epochs": 0}} (None values are ignored). ``checkpoint``: fine-tuning checkpoint file, written
-    after every epoch; ``resume`` continues from it."""
+    after every epoch; ``resume`` continues from it. ``tuning_db``: a TVM MetaSchedule database folder to reuse
+    (CPU targets; by default the ``tvm_tuning/`` of an existing ``out`` is reused)."""
 
     model: str
     target: str
@@ -40,6 +43,7 @@ class CompileConfig:
     force: bool = False
     checkpoint: Path | None = None
     resume: bool = False
+    tuning_db: Path | None = None
 
 
 @dataclass
@@ -57,6 +61,7 @@ class State:
     qonnx_path: Path | None = None
     estimate: object = None
     artefacts: dict = field(default_factory=dict)
+    log: object = None
 
 
 def stage_load(s: State) -> State:
@@ -259,6 +264,138 @@ def stage_estimate(s: State) -> State:
     return s
 
 
+def _golden_images(s: State):
+    """≥ GOLDEN_IMAGES test images, a whole number of the runtime's batches."""
+    batch = s.profile.runtime.batch_size
+    n = -(-GOLDEN_IMAGES // batch) * batch
+    return s.data["test"].images[:n]
+
+
+def stage_export_qcdq(s: State) -> State:
+    """Standard ONNX Q/DQ (QCDQ) export at the profile's batch size; golden check of the graph's own semantics
+    (onnxruntime, optimizations off) against Brevitas; then onnxruntime at its default level ("all") and at "basic"
+    against that graph: the first that passes the TVM build's criteria is the one timed (its fused integer kernels
+    can compute another function; measured, not assumed)."""
+    from pfq_edge.export.qcdq import export_qcdq, run_onnxruntime
+    from pfq_edge.golden import golden_check
+    from pfq_edge.train import predict
+
+    images = _golden_images(s)
+    path = export_qcdq(s.qmodel, images[:s.profile.runtime.batch_size], s.work / "model.qcdq.onnx")
+    reference = predict(s.qmodel, images).numpy()
+    s.data["qcdq_outputs"] = run_onnxruntime(path, images.numpy())
+    golden = golden_check("export (QCDQ in onnxruntime vs Brevitas)", reference, s.data["qcdq_outputs"],
+                          atol=EXPORT_ATOL, min_agreement=EXPORT_MIN_AGREEMENT, max_mismatch_fraction=EXPORT_MAX_FLIPPED)
+    levels = {}
+    for level in ("all", "basic"):  # what a deployment runs, and the last level before QDQ fusion
+        candidate = run_onnxruntime(path, images.numpy(), level=level)
+        levels[level] = _ort_check(level, s.data["qcdq_outputs"], candidate)
+    s.artefacts["model.qcdq.onnx"] = path
+    s.report.add("export", {"format": "QCDQ", "file": path.name, "bytes": path.stat().st_size,
+                            "batch_size": s.profile.runtime.batch_size, "golden": golden.as_dict(),
+                            "onnxruntime_levels": levels,
+                            "onnxruntime_level": next((k for k, v in levels.items() if v["passed"]), "off")})
+    return s
+
+
+def _ort_check(level: str, reference, candidate) -> dict:
+    """The TVM build's golden criteria applied to onnxruntime at an optimization level (recorded, never raised)."""
+    from pfq_edge.errors import GoldenCheckError
+    from pfq_edge.golden import golden_check
+
+    stage = f"onnxruntime, optimization level {level}, vs the QCDQ graph"
+    try:
+        return golden_check(stage, reference, candidate, atol=EXPORT_ATOL, min_agreement=TVM_MIN_AGREEMENT,
+                            max_mismatch_fraction=EXPORT_MAX_FLIPPED).as_dict()
+    except GoldenCheckError:
+        per_image = abs(reference - candidate).reshape(len(reference), -1).max(1)
+        return {"stage": stage, "images": int(len(reference)), "max_abs_diff": float(per_image.max()),
+                "argmax_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+                "mismatched_images": int((per_image > EXPORT_ATOL).sum()), "atol": EXPORT_ATOL,
+                "min_agreement": TVM_MIN_AGREEMENT, "max_mismatch_fraction": EXPORT_MAX_FLIPPED, "passed": False}
+
+
+def stage_build(s: State) -> State:
+    """TVM Relax build for the profile's target (tuned with MetaSchedule if asked), ``export_library``; a host
+    library is reloaded in a fresh process and golden-checked against the QCDQ model; a cross-compiled one has its
+    ELF header checked (and CUDA device code compiled with nvcc if the toolkit is here)."""
+    from pfq_edge.export.tvm import build_tvm
+    from pfq_edge.golden import golden_check
+    from pfq_edge.latency import resolve_threads, run_outputs
+
+    spec = s.profile.runtime
+    db = s.work / "tvm_tuning"
+    previous = s.cfg.tuning_db or (Path(s.cfg.out) / "tvm_tuning")
+    if spec.tvm_target == "llvm" and previous.is_dir():
+        shutil.copytree(previous, db)
+    build = build_tvm(s.work / "model.qcdq.onnx", spec, s.work, tuning_db=db, log=s.log)
+    if db.is_dir() and not any(db.iterdir()):
+        db.rmdir()
+    data = build.as_dict()
+    if build.runs_here:
+        images = _golden_images(s)
+        out = run_outputs("tvm", build.library, images.numpy(), spec.batch_size, resolve_threads(spec.threads))
+        data["golden"] = golden_check("build (TVM library in a fresh process vs QCDQ in onnxruntime)",
+                                      s.data["qcdq_outputs"], out, atol=EXPORT_ATOL, min_agreement=TVM_MIN_AGREEMENT,
+                                      max_mismatch_fraction=EXPORT_MAX_FLIPPED).as_dict()
+    else:
+        data["not_run"] = (f"cross-compiled for {spec.mtriple or spec.tvm_target}: the library cannot be loaded on "
+                           f"this machine; checked: ELF header {build.elf}")
+    s.artefacts[build.library.name] = build.library
+    for f in build.extra_files:
+        s.artefacts[f.name] = f
+    if db.is_dir():
+        for f in sorted(db.iterdir()):
+            s.artefacts[f"tvm_tuning/{f.name}"] = f
+    s.data["tvm_build"] = build
+    s.report.add("build", data)
+    return s
+
+
+def stage_measure(s: State) -> State:
+    """Latency of the TVM library, onnxruntime (the QCDQ model at the highest optimization level that computes it
+    correctly, see stage_export_qcdq) and torch eager (the pruned float model, ``torch.export``) on the same test
+    images, each in its own process (pfq_edge.latency), and the verdict against the profile's latency budget.
+    Cross-compiled targets: nothing is measured or claimed."""
+    import tempfile
+
+    from pfq_edge.latency import measure, resolve_threads
+
+    spec, build = s.profile.runtime, s.data["tvm_build"]
+    budget = s.profile.budget.latency_ms
+    if not build.runs_here:
+        s.report.add("measure", {"engines": [], "verdict": {"verdict": "not measured", "budget_ms": budget,
+                                                            "reason": "no such device on this machine"}})
+        return s
+    threads = resolve_threads(spec.threads)
+    x = s.data["test"].images[:spec.batch_size].numpy()
+    log = s.log
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pfq-edge-torch") as tmp:
+        level = s.report.stages["export"]["onnxruntime_level"]
+        engines = [("tvm", build.library, "TVM (this build)"),
+                   ("onnxruntime", s.work / "model.qcdq.onnx", f"onnxruntime (QCDQ, optimization level {level})"),
+                   ("torch", _torch_export(s.pruned_model or s.float_model, x, Path(tmp)), "torch eager (float)")]
+        for engine, model, label in engines:
+            if log:
+                log(f"measuring {label} …")
+            results.append({"label": label, **measure(engine, model, x, threads, ort_level=level)})
+    tvm_ms = results[0]["median_ms"]
+    s.report.add("measure", {"engines": results, "batch_size": spec.batch_size, "threads": threads,
+                             "verdict": {"verdict": "meets" if tvm_ms <= budget else "misses", "latency_ms": tvm_ms,
+                                         "budget_ms": budget}})
+    return s
+
+
+def _torch_export(model, x, folder: Path) -> Path:
+    import torch
+
+    path = folder / "model.pt2"
+    with torch.no_grad():
+        torch.export.save(torch.export.export(model.eval(), (torch.from_numpy(x),)), str(path))
+    return path
+
+
 def stage_package(s: State) -> State:
     """report.json, report.md and the deployment archive (model, FINN reports, report, manifest with sha256)."""
     from pfq_edge.export.package import build_manifest, write_archive
@@ -271,7 +408,8 @@ def stage_package(s: State) -> State:
             "bits": s.report.summary["bits"], "accuracy": s.report.stages["accuracy"],
             "pfq": {"filters_removed": s.report.stages["prune"]["filters_removed"]},
             "estimates": {k: s.report.summary.get(k) for k in ("latency_us", "throughput_fps", "LUT", "BRAM_18K",
-                                                              "URAM", "DSP", "fit", "latency_verdict")},
+                                                              "URAM", "DSP", "fit", "latency_verdict",
+                                                              "latency_ms", "tvm_target") if k in s.report.summary},
             "weight_bits": s.report.summary["weight_bits"]}
     manifest = build_manifest(files, info)
     name = f"pfq-edge-{_slug(s.cfg.model)}-{s.profile.name}.tar.gz"
@@ -297,22 +435,51 @@ def _summarise(s: State) -> None:
         "weight_bits": s.report.stages["quantize"]["weight_bits"],
         "bias_params": s.report.stages["quantize"]["bias_params"],
         "zero_weight_fraction": s.report.stages["quantize"]["zero_weight_fraction"],
-        "qonnx_bytes": s.report.stages["export"]["bytes"],
+        f"{s.report.stages['export']['format'].lower()}_bytes": s.report.stages["export"]["bytes"],
     }
     if s.estimate is not None:
         v = s.report.stages["estimate"]["verdicts"]
         summary.update({"latency_us": s.estimate.latency_us, "throughput_fps": s.estimate.throughput_fps,
                         **{r: s.estimate.totals[r] for r in ("LUT", "BRAM_18K", "URAM", "DSP")},
                         "fit": v["fit"]["verdict"], "latency_verdict": v["latency"]["verdict"]})
+    build, measured = s.report.stages.get("build"), s.report.stages.get("measure")
+    if build is not None:
+        summary.update({"tvm_target": build["target"], "library": build["library"],
+                        "tvm_golden": (build.get("golden") or {}).get("passed"),
+                        "device_code_compiled": (build.get("device_code") or {}).get("compiled")})
+    if measured is not None:
+        verdict = measured["verdict"]
+        summary.update({"latency_ms": verdict.get("latency_ms"), "latency_budget_ms": verdict["budget_ms"],
+                        "latency_verdict": verdict["verdict"]})
+        summary.update({f"latency_ms_{e['engine']}": e["median_ms"] for e in measured["engines"]})
     s.report.summary = summary
 
 
-STAGES = [stage_load, stage_prune, stage_quantize, stage_finetune, stage_export, stage_estimate, stage_package]
-ACCURACY_STAGES = STAGES[:4]  # what benchmarks/pfq_accuracy.py runs: the same code path up to the fine-tuned model
+def budget_missed(summary: dict) -> str | None:
+    """A one-line reason if the compiled model misses its profile's budget (fit or latency), else None."""
+    if summary.get("fit") == "does not fit":
+        return "the FINN estimate does not fit the board (report.md, 'FPGA estimate')"
+    if summary.get("latency_verdict") == "misses":
+        if "latency_us" in summary:
+            return f"FINN latency {summary['latency_us'] / 1000:.3f} ms exceeds the profile's latency budget"
+        return (f"TVM latency {summary['latency_ms']:.3f} ms exceeds the latency budget of "
+                f"{summary['latency_budget_ms']} ms")
+    return None
+
+
+ACCURACY_STAGES = [stage_load, stage_prune, stage_quantize, stage_finetune]  # benchmarks/pfq_accuracy.py runs these
+STAGES = ACCURACY_STAGES + [stage_export, stage_estimate, stage_package]      # FPGA targets
+RUNTIME_STAGES = ACCURACY_STAGES + [stage_export_qcdq, stage_build, stage_measure, stage_package]  # CPU/GPU
+
+
+def stages_for(profile) -> list:
+    """The stages of a compile for ``profile``'s kind."""
+    return STAGES if profile.kind == "fpga" else RUNTIME_STAGES
 
 
 def run_stages(state: State, stages, log=None) -> State:
     """Run ``stages`` in order on ``state``, timing each into ``state.report.timings_s``."""
+    state.log = log
     for stage in stages:
         name = stage.__name__.removeprefix("stage_")
         if log is not None:
@@ -321,6 +488,20 @@ def run_stages(state: State, stages, log=None) -> State:
         state = stage(state)
         state.report.timings_s[name] = round(time.perf_counter() - t0, 2)
     return state
+
+
+def check_target_tools(profile) -> None:
+    """Before any work: an FPGA profile's board/part must be FINN's; a cross-compiling profile's C compiler
+    (``runtime.cc``) must be installed. Raises ProfileError / ToolchainError."""
+    if profile.kind == "fpga":
+        from pfq_edge.targets.fit import check_fpga_profile
+
+        check_fpga_profile(profile)
+    elif profile.runtime.cc and shutil.which(profile.runtime.cc) is None:
+        from pfq_edge.errors import ToolchainError
+
+        hint = " (Debian package gcc-aarch64-linux-gnu; setup.sh installs it)" if "aarch64" in profile.runtime.cc else ""
+        raise ToolchainError(f"target {profile.name!r} links with {profile.runtime.cc!r}, which is not installed{hint}")
 
 
 def effective_profile(cfg: CompileConfig):
@@ -341,11 +522,10 @@ def compile_model(cfg: CompileConfig, log=None) -> Report:
 
     from pfq_edge import dist
     from pfq_edge.io import staged_dir
-    from pfq_edge.targets.fit import check_fpga_profile
     from pfq_edge.train import set_seed
 
     profile = effective_profile(cfg)
-    check_fpga_profile(profile)
+    check_target_tools(profile)
     rank, _ = dist.init_from_env()
     set_seed(profile.finetune.seed)
     if rank != 0:
@@ -357,7 +537,7 @@ def compile_model(cfg: CompileConfig, log=None) -> Report:
     try:
         with staged_dir(Path(cfg.out), force=cfg.force) as work:
             state = State(cfg=cfg, profile=profile, report=Report(cfg.model, profile.name), work=work)
-            report = run_stages(state, STAGES, log).report
+            report = run_stages(state, stages_for(profile), log).report
     finally:
         dist.barrier()
     return report

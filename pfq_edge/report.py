@@ -65,7 +65,8 @@ def render_markdown(doc: dict) -> str:
     if acc:
         out += ["## Accuracy (top-1, Fashion-MNIST test set)", "",
                 _table(["stage", "top-1"], [[k, _pct(v)] for k, v in acc.items()]), ""]
-    golden = [g for g in (prune.get("golden"), prune.get("guard"), st.get("export", {}).get("golden")) if g]
+    golden = [g for g in (prune.get("golden"), prune.get("guard"), st.get("export", {}).get("golden"),
+                          st.get("build", {}).get("golden")) if g]
     if golden:
         out += ["## Golden checks", "", _table(
             ["stage", "images", "max abs diff", "top-1 agreement", "images with |Δ| > atol", "passed"],
@@ -89,6 +90,8 @@ def render_markdown(doc: dict) -> str:
                 _table(["layer", "cycles", "LUT", "BRAM_18K", "URAM", "DSP"],
                        [[r["layer"], r["cycles"], f"{r['LUT']:.0f}", f"{r['BRAM_18K']:.0f}", f"{r['URAM']:.0f}",
                          f"{r['DSP']:.0f}"] for r in fpga["layers"]]), ""]
+    if st.get("build"):
+        out += _runtime_section(st.get("export", {}), st["build"], st.get("measure", {}))
     if doc.get("timings_s"):
         out += ["## Stage times", "", _table(["stage", "seconds"],
                                               [[k, f"{v:.1f}"] for k, v in doc["timings_s"].items()]), ""]
@@ -124,6 +127,54 @@ def _prune_section(prune: dict) -> list[str]:
                f"{prune.get('constant_removed', 0)} removed" + ("; left, with the reason:" if left else "."))
     out += [f"- `{x['layer']}`: {x['filters']} constant filters left — {x['reason']}" for x in left]
     out += [f"- warning: {w}" for w in prune.get("warnings", [])]
+    return out + [""]
+
+
+def _runtime_section(export: dict, build: dict, measured: dict) -> list[str]:
+    """CPU/GPU targets: the QCDQ model, the TVM build and what was checked, latency per engine, the verdict."""
+    target = build["target"]
+    out = ["## CPU/GPU build (QCDQ → TVM)", "",
+           f"- QCDQ ONNX `{export.get('file')}` ({export.get('bytes', 0):,} bytes, batch {export.get('batch_size')}).",
+           f"- TVM target `{json.dumps(target)}`; library `{build['library']}` ({build['elf'].get('class')} "
+           f"{build['elf'].get('type')}, {build['elf'].get('machine')}), built in {build['seconds']} s."]
+    tuning = build.get("tuning") or {}
+    if tuning:
+        out.append(f"- MetaSchedule: {tuning['trials_run']} trials run over {tuning['tasks']} tasks "
+                   f"({tuning['reused_records']} records reused), {tuning['records']} records in `tvm_tuning/`, "
+                   f"{tuning['seconds']} s.")
+    else:
+        out.append("- Schedules: TVM defaults (untuned; `--tune-trials N` tunes with MetaSchedule).")
+    golden = build.get("golden")
+    out.append(f"- Reloaded in a fresh process and run on {golden['images']} test images: top-1 agreement with the "
+               f"QCDQ model {_pct(golden['argmax_agreement'])}, max |Δlogit| {golden['max_abs_diff']:.3g}."
+               if golden else f"- **Not run here**: {build.get('not_run')}.")
+    device = build.get("device_code")
+    if device is not None:
+        out.append(f"- CUDA device code for {device['arch']}: " +
+                   (f"compiled with {device['compiler']} (`{device['file']}`, {device['bytes']:,} bytes)."
+                    if device["compiled"] else f"not compiled ({device['reason']}).") +
+                   " The library carries CUDA C that TVM's runtime compiles when it loads on the device; no GPU "
+                   "figure is claimed.")
+    levels = export.get("onnxruntime_levels") or {}
+    if levels:
+        out += ["", "onnxruntime against the QCDQ graph as written (optimizations off) on the same images — its "
+                "optimizers fuse Q/DQ into integer kernels that need not compute the same function:", "",
+                _table(["optimization level", "top-1 agreement", "max |Δlogit|", "correct (same criteria as TVM)"],
+                       [[k, _pct(v["argmax_agreement"]), f"{v['max_abs_diff']:.3g}", v["passed"]]
+                        for k, v in levels.items()]), ""]
+    engines = measured.get("engines") or []
+    verdict = measured.get("verdict", {})
+    if engines:
+        tvm_ms = engines[0]["median_ms"]
+        out += [f"Latency per call, batch {measured['batch_size']}, {measured['threads']} threads, each engine in its "
+                f"own process, {engines[0]['warmup']} warm-up calls dropped, ≥ 1 s of timed calls:", "",
+                _table(["engine", "median ms", "p90 ms", "min ms", "calls", "TVM / engine"],
+                       [[e["label"], f"{e['median_ms']:.4f}", f"{e['p90_ms']:.4f}", f"{e['min_ms']:.4f}",
+                         e["repeats"], f"{tvm_ms / e['median_ms']:.2f}"] for e in engines]), ""]
+    if verdict:
+        out.append(f"Latency budget {verdict['budget_ms']} ms: **{verdict['verdict']}**" +
+                   (f" (TVM {verdict['latency_ms']:.3f} ms)." if verdict.get("latency_ms") is not None
+                    else f" — {verdict.get('reason')}."))
     return out + [""]
 
 
@@ -170,6 +221,14 @@ def summary_rows(s: dict) -> list[list]:
     if "qonnx_bytes" in s:
         rows += [["biases (float, not in the weight bits)", f"{s['bias_params']:,} parameters"],
                  ["QONNX file (weights stored as float32)", f"{s['qonnx_bytes']:,} bytes"]]
+    if "qcdq_bytes" in s:
+        rows += [["QCDQ ONNX file", f"{s['qcdq_bytes']:,} bytes"],
+                 ["TVM library", f"{s.get('library')} (golden: {s.get('tvm_golden')})"]]
+    if "latency_ms_tvm" in s:
+        rows += [["latency TVM / onnxruntime / torch (median)", " / ".join(
+            f"{s.get('latency_ms_' + e, float('nan')):.3f}" for e in ("tvm", "onnxruntime", "torch")) + " ms"]]
+    if s.get("latency_verdict") and "latency_us" not in s:
+        rows += [["latency budget", f"{s['latency_verdict']} ({s.get('latency_budget_ms')} ms)"]]
     if "latency_us" in s:
         rows += [
             ["FINN latency", f"{s['latency_us']:.1f} µs"],

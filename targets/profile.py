@@ -100,8 +100,42 @@ class FpgaSpec(_Strict):
         return self
 
 
+class RuntimeSpec(_Strict):
+    """TVM (Relax) build and measurement settings of a CPU/GPU target.
+
+    ``tvm_target`` "llvm" (CPU) or "cuda"; ``mcpu`` an LLVM CPU name, "host" = this machine's CPU; ``mtriple``
+    set = cross-compile (the library is linked with ``cc``, e.g. aarch64-linux-gnu-gcc, and cannot run here);
+    ``arch`` the CUDA compute capability (sm_87 = Jetson Orin). ``batch_size`` images per call of the compiled
+    module; ``threads`` for measurement (0 = every core of this machine); ``tune_trials`` MetaSchedule trials
+    (0 = untuned).
+    """
+
+    tvm_target: Literal["llvm", "cuda"]
+    mcpu: str = "host"
+    mtriple: str | None = None
+    mattr: list[str] = []
+    arch: str | None = Field(None, pattern=r"^sm_\d+$")
+    cc: str | None = None
+    batch_size: int = Field(1, ge=1, le=1024)
+    threads: int = Field(0, ge=0, le=1024)
+    tune_trials: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.tvm_target == "cuda" and self.arch is None:
+            raise ValueError("a cuda target needs arch, e.g. \"sm_87\"")
+        if self.mtriple is not None and self.cc is None:
+            raise ValueError("a cross-compiled target (mtriple set) needs cc, the C compiler that links it")
+        return self
+
+    @property
+    def runs_here(self) -> bool:
+        """Whether the compiled module can be loaded and run on this machine (a host-CPU build)."""
+        return self.tvm_target == "llvm" and self.mtriple is None
+
+
 class BudgetSpec(_Strict):
-    """What the compiled model must meet: latency per image in milliseconds."""
+    """What the compiled model must meet: latency per image in milliseconds (per batch for a batch > 1)."""
 
     latency_ms: float = Field(gt=0)
 
@@ -111,26 +145,46 @@ class Profile(_Strict):
 
     name: str
     description: str = ""
-    kind: Literal["fpga"]
+    kind: Literal["fpga", "cpu", "gpu"]
     aliases: list[str] = []
-    export_format: Literal["qonnx"] = "qonnx"
+    export_format: Literal["qonnx", "qcdq"] = "qonnx"
     quant: QuantSpec = QuantSpec()
     pfq: PfqSpec = PfqSpec()
     finetune: FinetuneSpec = FinetuneSpec()
-    fpga: FpgaSpec
+    fpga: FpgaSpec | None = None
+    runtime: RuntimeSpec | None = None
     budget: BudgetSpec
     source: str = ""
 
+    @model_validator(mode="after")
+    def _sections_of_kind(self):
+        if self.kind == "fpga" and (self.fpga is None or self.runtime is not None or self.export_format != "qonnx"):
+            raise ValueError("an fpga profile has an [fpga] section, no [runtime] section and export_format "
+                             "\"qonnx\"")
+        if self.kind != "fpga" and (self.runtime is None or self.fpga is not None or self.export_format != "qcdq"):
+            raise ValueError(f"a {self.kind} profile has a [runtime] section, no [fpga] section and export_format "
+                             f"\"qcdq\"")
+        if self.runtime is not None and (self.kind == "gpu") != (self.runtime.tvm_target == "cuda"):
+            raise ValueError(f"a {self.kind} profile cannot use runtime.tvm_target {self.runtime.tvm_target!r}")
+        return self
+
     def summary(self) -> dict:
         """Key facts for ``pfq-edge targets``."""
-        return {
+        facts = {
             "name": self.name, "kind": self.kind, "aliases": self.aliases, "description": self.description,
             "bits": f"W{self.quant.weight_bit_width}A{self.quant.act_bit_width} (input {self.quant.input_bit_width})",
             "pfq_rule": self.pfq.rule,
             "granularity": self.quant.weight_granularity, "export": self.export_format,
-            "part": self.fpga.part, "board": self.fpga.board, "clock_mhz": self.fpga.clock_mhz,
-            "target_fps": self.fpga.target_fps, "latency_budget_ms": self.budget.latency_ms,
+            "latency_budget_ms": self.budget.latency_ms,
         }
+        if self.fpga is not None:
+            facts.update({"part": self.fpga.part, "board": self.fpga.board, "clock_mhz": self.fpga.clock_mhz,
+                          "target_fps": self.fpga.target_fps})
+        if self.runtime is not None:
+            r = self.runtime
+            facts.update({"tvm_target": r.tvm_target, "mcpu": r.mcpu, "mtriple": r.mtriple, "arch": r.arch,
+                          "batch_size": r.batch_size, "threads": r.threads, "tune_trials": r.tune_trials})
+        return facts
 
 
 def _errors(exc: ValidationError) -> str:
@@ -143,6 +197,9 @@ def with_overrides(profile: Profile, overrides: dict[str, dict]) -> Profile:
     data = profile.model_dump()
     for section, values in overrides.items():
         given = {k: v for k, v in values.items() if v is not None}
+        if given and data.get(section) is None:
+            raise ProfileError(f"option {', '.join(given)} does not apply to {profile.kind} target {profile.name!r} "
+                               f"(it has no [{section}] section)")
         if given:
             data[section] = {**data[section], **given}
     try:

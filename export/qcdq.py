@@ -1,0 +1,152 @@
+"""Standard ONNX Q/DQ export (QCDQ) for CPU/GPU runtimes, and its execution with onnxruntime.
+
+QCDQ is Brevitas' form of the ONNX QDQ standard: every quantized tensor is QuantizeLinear → DequantizeLinear on
+8-bit integers, with a Clip between them holding a < 8-bit range (a 4-bit activation: Q → Clip(0, 15) → DQ).
+It carries 2–8-bit integers only (biases stay float here: see quantize.py), so a tensor that reaches 9 bits is
+refused by ``check_qcdq_bit_widths`` with its name, before the exporter sees it (shared/cases 9).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pfq_edge.errors import ModelError, ToolchainError
+
+QCDQ_MAX_BITS = 8
+
+
+def check_qcdq_bit_widths(qmodel: torch.nn.Module, example: torch.Tensor) -> None:
+    """Refuse tensors QCDQ cannot carry: run ``example`` (N, C, H, W) through ``qmodel`` and look at every quantizer
+    output (activations, weights) and every quantized input of a conv/linear layer.
+
+    Accumulators (conv outputs before requantization) are float in QCDQ and are not checked. Raises ModelError
+    naming the tensor and its bit width, e.g. "tensor 'add' (input of layer 'conv3') is 9-bit".
+    """
+    from brevitas.proxy.parameter_quant import BiasQuantProxyFromInjectorBase
+    from brevitas.proxy.quant_proxy import QuantProxyFromInjector
+    from brevitas.quant_tensor import QuantTensor
+
+    found: list[tuple[str, int]] = []
+    producers = _producers(qmodel)
+
+    def bits(x) -> int | None:
+        return int(round(float(x.bit_width))) if isinstance(x, QuantTensor) and x.bit_width is not None else None
+
+    def on_output(name):
+        def hook(_module, _inputs, output):
+            b = bits(output)
+            if b is not None and b > QCDQ_MAX_BITS:
+                found.append((f"tensor {name!r}", b))
+        return hook
+
+    def on_input(name):
+        def hook(_module, inputs):
+            b = bits(inputs[0]) if inputs else None
+            if b is not None and b > QCDQ_MAX_BITS:
+                src = producers.get(name)
+                found.append((f"tensor {src!r} (input of layer {name!r})" if src else f"the input of layer {name!r}", b))
+        return hook
+
+    handles = []
+    for name, module in qmodel.named_modules():
+        if (isinstance(module, QuantProxyFromInjector) and getattr(module, "is_quant_enabled", False)
+                and not isinstance(module, BiasQuantProxyFromInjectorBase)):
+            owner = name.rsplit(".", 1)[0] if "." in name else name
+            handles.append(module.register_forward_hook(on_output(owner)))
+        elif getattr(module, "weight_quant", None) is not None:
+            handles.append(module.register_forward_pre_hook(on_input(name)))
+    try:
+        qmodel.eval()
+        with torch.no_grad():
+            qmodel(example)
+    finally:
+        for h in handles:
+            h.remove()
+    found = list(dict.fromkeys(found))
+    if found:
+        what, b = found[0]
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise ModelError(f"{what[0].upper()}{what[1:]} is {b}-bit{more}; QCDQ (ONNX QuantizeLinear/DequantizeLinear) carries 2–"
+                         f"{QCDQ_MAX_BITS}-bit integers: requantize it to ≤ {QCDQ_MAX_BITS} bits (a Brevitas "
+                         f"QuantIdentity) or choose a target whose format carries it")
+
+
+def _producers(qmodel: torch.nn.Module) -> dict[str, str]:
+    """For an fx GraphModule: layer name → name of the graph node that feeds it."""
+    graph = getattr(qmodel, "graph", None)
+    if graph is None:
+        return {}
+    return {n.target: n.args[0].name for n in graph.nodes
+            if n.op == "call_module" and n.args and hasattr(n.args[0], "name")}
+
+
+def export_qcdq(qmodel: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """Export ``qmodel`` for inputs shaped like ``example`` (batch, C, H, W) — the batch is static — to QCDQ ONNX.
+
+    Checks bit widths first (``check_qcdq_bit_widths``). Tries Brevitas' TorchScript exporter (opset 13, module
+    names kept), then the dynamo one. Raises ModelError (a tensor above 8 bits) or ToolchainError.
+    """
+    import onnx
+    from brevitas.export import export_onnx_qcdq
+
+    check_qcdq_bit_widths(qmodel, example)
+    path = Path(path)
+    errors = []
+    qmodel.eval()
+    for dynamo in (False, True):
+        try:
+            with torch.no_grad():
+                export_onnx_qcdq(qmodel, input_t=example, export_path=str(path), dynamo=dynamo)
+            break
+        except Exception as exc:  # brevitas/torch.onnx raise many types; we report and fall back
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {str(exc).strip().splitlines()[0][:160]}")
+    else:
+        raise ToolchainError("QCDQ export failed: " + "; ".join(errors))
+    model = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ToolchainError(f"the QCDQ export {path.name} is not valid ONNX: {str(exc).splitlines()[0]}") from None
+    return path
+
+
+ORT_LEVELS = {"off": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+              "all": "ORT_ENABLE_ALL"}
+
+
+def ort_session(path: Path, level: str = "all", threads: int = 0):
+    """An onnxruntime CPU session for ``path`` at graph-optimization ``level`` (off | basic | extended | all)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnxruntime(path: Path, images: np.ndarray, level: str = "off", threads: int = 0) -> np.ndarray:
+    """Run the ONNX model at ``path`` with onnxruntime (CPU) on ``images`` (N, C, H, W) float32, in chunks of the
+    model's static batch; returns outputs (N, ...).
+
+    ``level`` "off" runs the graph as written: the reference semantics of the QCDQ model. "all" is onnxruntime's
+    default, what a deployment runs; its QDQ fusions (integer kernels) are not bit-exact and, in onnxruntime 1.25
+    on this CPU, not even close on our models (README, "CPU/GPU targets"), so the compile measures them.
+    Raises ToolchainError (one line) if onnxruntime cannot load or run the model.
+    """
+    try:
+        session = ort_session(path, level, threads)
+        meta = session.get_inputs()[0]
+        batch = meta.shape[0] if isinstance(meta.shape[0], int) else len(images)
+        if len(images) % batch:
+            raise ToolchainError(f"{len(images)} images are not a multiple of the model's batch {batch}")
+        return np.concatenate([session.run(None, {meta.name: images[i:i + batch]})[0]
+                               for i in range(0, len(images), batch)])
+    except ToolchainError:
+        raise
+    except Exception as exc:
+        raise ToolchainError(f"onnxruntime cannot run {Path(path).name}: {' '.join(str(exc).split())[:240]}") \
+            from None

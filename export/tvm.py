@@ -8,10 +8,13 @@ the ``static_shape_tuning`` pipeline keeps its database in a folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import struct
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +57,10 @@ def host_cpu_name() -> str:
 def target_dict(spec) -> dict:
     """The TVM target of a RuntimeSpec as a dict (CPU: llvm with mcpu/mtriple/mattr; GPU: cuda + its llvm host)."""
     cpu = {"kind": "llvm", "mcpu": host_cpu_name() if spec.mcpu == "host" else spec.mcpu}
+    if spec.runs_here:  # MetaSchedule needs the core count of the machine it measures on
+        from pfq_edge.latency import resolve_threads
+
+        cpu["num-cores"] = resolve_threads(spec.threads)
     if spec.mtriple:
         cpu["mtriple"] = spec.mtriple
     if spec.mattr:
@@ -78,9 +85,20 @@ def elf_info(path: Path) -> dict:
             "machine": ELF_MACHINES.get(e_machine, str(e_machine))}
 
 
+TUNING_MARKER = "pfq-edge-tuning.json"  # trials already spent on this database, per target
+
+
 def _records(db: Path) -> int:
     f = db / "database_tuning_record.json"
     return sum(1 for line in f.read_text().splitlines() if line.strip()) if f.is_file() else 0
+
+
+def _trials_done(db: Path, target_key: str) -> int:
+    f = db / TUNING_MARKER
+    try:
+        return int(json.loads(f.read_text()).get(target_key, 0)) if f.is_file() else 0
+    except (ValueError, AttributeError):
+        return 0
 
 
 def _n_tasks(mod, target) -> int:
@@ -93,22 +111,42 @@ def _n_tasks(mod, target) -> int:
 
 
 def _tune(mod, target, trials: int, db: Path, log) -> tuple[object, dict]:
-    """MetaSchedule: tune up to ``trials`` (minus the records ``db`` already holds), then apply the database."""
+    """MetaSchedule: tune ``trials`` minus those a previous run already spent on ``db`` for this target (recorded
+    in ``db``/pfq-edge-tuning.json), then apply the database. Only workloads that match are applied."""
     from tvm import relax
 
     db.mkdir(parents=True, exist_ok=True)
-    before = _records(db)
+    key = json.dumps(target.export(), sort_keys=True, default=str)
+    before = _trials_done(db, key)
     todo = max(0, trials - before)
     tasks = _n_tasks(mod, target)
     if log:
         log(f"TVM MetaSchedule: {todo} trials over {tasks} tasks" if todo else
-            f"TVM MetaSchedule: reusing {before} tuning records from {db}")
+            f"TVM MetaSchedule: reusing {before} trials from {db}")
     t0 = time.perf_counter()
-    mod = relax.get_pipeline("static_shape_tuning", target=target, total_trials=todo, work_dir=str(db),
-                             max_trials_per_task=max(1, math.ceil(todo / tasks)) if todo else None)(mod)
+    with _stdout_to_stderr():  # MetaSchedule logs to stdout; --json output must stay parseable
+        mod = relax.get_pipeline("static_shape_tuning", target=target, total_trials=todo, work_dir=str(db),
+                                 max_trials_per_task=max(1, math.ceil(todo / tasks)) if todo else None)(mod)
     shutil.rmtree(db / "logs", ignore_errors=True)  # per-task logs: megabytes of TIR, not needed to reuse
+    if todo:
+        marker = db / TUNING_MARKER
+        done = json.loads(marker.read_text()) if marker.is_file() else {}
+        marker.write_text(json.dumps({**done, key: before + todo}, indent=1, sort_keys=True) + "\n")
     return mod, {"trials_requested": trials, "trials_run": todo, "tasks": tasks, "records": _records(db),
-                 "reused_records": before, "seconds": round(time.perf_counter() - t0, 1)}
+                 "reused_trials": before, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def build_tvm(onnx_path: Path, spec, out_dir: Path, tuning_db: Path | None = None, log=None) -> TvmBuild:
@@ -122,10 +160,10 @@ def build_tvm(onnx_path: Path, spec, out_dir: Path, tuning_db: Path | None = Non
     """
     import onnx
     import tvm
-    from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     t0 = time.perf_counter()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     target_spec = target_dict(spec)
     target = tvm.target.Target(target_spec)
     try:

@@ -67,7 +67,7 @@ def load_engine(engine: str, model: Path, threads: int, ort_level: str = "all"):
 def time_calls(fn, x: np.ndarray, warmup: int = WARMUP, min_time_s: float = MIN_TIME_S,
                min_repeats: int = MIN_REPEATS, max_repeats: int = MAX_REPEATS) -> dict:
     """Call ``fn(x)`` ``warmup`` times (dropped), then time single calls until ≥ ``min_repeats`` calls and
-    ≥ ``min_time_s`` seconds (or ``max_repeats`` calls). Returns milliseconds per call: median, p90, min, mean,
+    ≥ ``min_time_s`` seconds (or ``max_repeats`` calls). Returns milliseconds per call: median, p90, min, max, mean,
     std, and repeats / warmup / duration_s."""
     for _ in range(warmup):
         fn(x)
@@ -79,7 +79,7 @@ def time_calls(fn, x: np.ndarray, warmup: int = WARMUP, min_time_s: float = MIN_
         times.append(time.perf_counter_ns() - t0)
     ms = np.asarray(times, dtype=np.float64) / 1e6
     return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "min_ms": float(ms.min()),
-            "mean_ms": float(ms.mean()), "std_ms": float(ms.std()), "repeats": len(times), "warmup": warmup,
+            "max_ms": float(ms.max()), "mean_ms": float(ms.mean()), "std_ms": float(ms.std()), "repeats": len(times), "warmup": warmup,
             "duration_s": round(time.perf_counter() - start, 3)}
 
 

@@ -140,7 +140,7 @@ def _runtime_section(export: dict, build: dict, measured: dict) -> list[str]:
     tuning = build.get("tuning") or {}
     if tuning:
         out.append(f"- MetaSchedule: {tuning['trials_run']} trials run over {tuning['tasks']} tasks "
-                   f"({tuning['reused_records']} records reused), {tuning['records']} records in `tvm_tuning/`, "
+                   f"({tuning['reused_trials']} reused from a previous run), {tuning['records']} records in `tvm_tuning/`, "
                    f"{tuning['seconds']} s.")
     else:
         out.append("- Schedules: TVM defaults (untuned; `--tune-trials N` tunes with MetaSchedule).")

@@ -86,6 +86,7 @@ def elf_info(path: Path) -> dict:
 
 
 TUNING_MARKER = "pfq-edge-tuning.json"  # trials already spent on this database, per target
+TUNING_WORKER_TIMEOUT_S = 300
 
 
 def _records(db: Path) -> int:
@@ -113,8 +114,6 @@ def _n_tasks(mod, target) -> int:
 def _tune(mod, target, trials: int, db: Path, log) -> tuple[object, dict]:
     """MetaSchedule: tune ``trials`` minus those a previous run already spent on ``db`` for this target (recorded
     in ``db``/pfq-edge-tuning.json), then apply the database. Only workloads that match are applied."""
-    from tvm import relax
-
     db.mkdir(parents=True, exist_ok=True)
     key = json.dumps(target.export(), sort_keys=True, default=str)
     before = _trials_done(db, key)
@@ -125,8 +124,7 @@ def _tune(mod, target, trials: int, db: Path, log) -> tuple[object, dict]:
             f"TVM MetaSchedule: reusing {before} trials from {db}")
     t0 = time.perf_counter()
     with _stdout_to_stderr():  # MetaSchedule logs to stdout; --json output must stay parseable
-        mod = relax.get_pipeline("static_shape_tuning", target=target, total_trials=todo, work_dir=str(db),
-                                 max_trials_per_task=max(1, math.ceil(todo / tasks)) if todo else None)(mod)
+        mod = _tuned(mod, target, todo, math.ceil(todo / tasks) if todo else 0, db)
     shutil.rmtree(db / "logs", ignore_errors=True)  # per-task logs: megabytes of TIR, not needed to reuse
     if todo:
         marker = db / TUNING_MARKER
@@ -134,6 +132,27 @@ def _tune(mod, target, trials: int, db: Path, log) -> tuple[object, dict]:
         marker.write_text(json.dumps({**done, key: before + todo}, indent=1, sort_keys=True) + "\n")
     return mod, {"trials_requested": trials, "trials_run": todo, "tasks": tasks, "records": _records(db),
                  "reused_trials": before, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _tuned(mod, target, trials: int, per_task: int, db: Path):
+    """relax's ``static_shape_tuning`` pipeline, with MetaSchedule's builder/runner given time to start: their worker
+    processes first import TVM's TVMScript tensor intrinsics (1–2 min on 2 busy cores; the default 30 s build
+    timeout then fails every candidate)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import transform
+    from tvm.s_tir import meta_schedule as ms
+
+    with target:
+        mod = tvm.transform.Sequential([transform.DecomposeOpsForInference(), transform.CanonicalizeBindings(),
+                                        relax.get_pipeline("zero")])(mod)
+        if trials:
+            ms.relax_integration.tune_relax(
+                mod, params={}, target=target, work_dir=str(db), max_trials_global=trials,
+                max_trials_per_task=per_task, seed=0,
+                builder=ms.builder.LocalBuilder(timeout_sec=TUNING_WORKER_TIMEOUT_S),
+                runner=ms.runner.LocalRunner(timeout_sec=TUNING_WORKER_TIMEOUT_S))
+        return transform.MetaScheduleApplyDatabase(str(db))(mod)
 
 
 @contextlib.contextmanager

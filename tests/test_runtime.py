@@ -162,8 +162,8 @@ def test_cuda_build_says_what_was_verified(qcdq, tmp_path):
 
 
 def test_tuning_database_is_kept_and_reused(images, tmp_path):
-    qm = quantize_model(randomize_bn(tiny_dscnn(channels=(4, 8, 8))), QuantSpec(weight_bit_width=8, act_bit_width=8))
-    calibrate(qm, images)
+    # One quantized conv: one or two tuning tasks keep this real MetaSchedule run short.
+    qm = nn.Sequential(qnn.QuantIdentity(return_quant_tensor=True), qnn.QuantConv2d(1, 4, 3)).eval()
     path = export_qcdq(qm, images[:1], tmp_path / "m.onnx")
     db = tmp_path / "tvm_tuning"
     first = build_tvm(path, RuntimeSpec(tvm_target="llvm", tune_trials=2), tmp_path / "a", tuning_db=db)
@@ -172,8 +172,8 @@ def test_tuning_database_is_kept_and_reused(images, tmp_path):
     again = build_tvm(path, RuntimeSpec(tvm_target="llvm", tune_trials=2), tmp_path / "b", tuning_db=db)
     assert again.tuning["trials_run"] == 0 and again.tuning["reused_trials"] == 2
     x = images[:8].numpy()
-    assert golden_check("tuned", run_onnxruntime(path, x), run_outputs("tvm", again.library, x, batch_size=1),
-                        atol=EXPORT_ATOL, max_mismatch_fraction=EXPORT_MAX_FLIPPED).argmax_agreement == 1.0
+    out, ref = run_outputs("tvm", again.library, x, batch_size=1), run_onnxruntime(path, x)
+    assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-3
 
 
 def test_time_calls_drops_warmup_and_runs_until_the_minimum_duration():
@@ -212,8 +212,8 @@ def test_cpu_profiles_and_their_options():
     assert with_overrides(cpu, {"quant": {"weight_bit_width": 4, "act_bit_width": 4}}).quant.label() == "W4A4"
     with pytest.raises(ProfileError, match="tune_trials does not apply to fpga"):
         with_overrides(load_profile("fpga"), {"runtime": {"tune_trials": 16}})
-    with pytest.raises(ProfileError, match="needs arch"):
-        with_overrides(load_profile("gpu"), {"runtime": {"arch": None}})
+    with pytest.raises(ProfileError, match="cannot use runtime.tvm_target 'cuda'"):
+        with_overrides(cpu, {"runtime": {"tvm_target": "cuda", "arch": "sm_87"}})
 
 
 def test_bad_runtime_keys_name_key_and_file(tmp_path):

@@ -1,0 +1,191 @@
+"""CPU latency of the CPU-target artefacts, side by side in one run (issue 5): TVM untuned and MetaSchedule-tuned
+vs onnxruntime (vs torch eager for reference), per model × batch × precision.
+
+    .venv/bin/python benchmarks/runtime.py                         # the committed table (results/runtime.md)
+    .venv/bin/python benchmarks/runtime.py --quick                 # default CNN, batch 1, W8A8, 8 trials
+    .venv/bin/python benchmarks/runtime.py --models fashion-dscnn --batches 1 --precisions W4A4 --tune-trials 64
+
+Each configuration goes through the compile's own pieces: PfQ (exact rule) → Brevitas quantization calibrated on
+256 training images (no fine-tuning: latency does not depend on it) → QCDQ export at a static batch → TVM build
+(``export/tvm.py``); "float" is the pruned float model exported with torch.onnx. Every engine is timed in its own
+process by ``pfq_edge.latency`` (warm-up dropped, ≥ 1 s of calls, median). onnxruntime runs at the highest graph-
+optimization level whose outputs pass the TVM build's golden criteria against the graph as written (see README,
+"CPU/GPU targets"); the level is a column. Machine must be otherwise idle: the script does nothing in parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = {"fashion-dscnn": "fashion-dscnn", "efficientnet-lite0": "efficientnet-lite0-fmnist"}
+PRECISIONS = {"float": None, "W8A8": 8, "W4A4": 4}
+CALIBRATION = 256
+
+
+def _model(name: str):
+    import torch
+
+    from pfq_edge.analysis import analyze_pfq
+    from pfq_edge.zoo import load_model
+
+    model = load_model(MODELS[name]).module.eval()
+    pruned, analysis = analyze_pfq(model, torch.zeros(1, 1, 28, 28))
+    return pruned, analysis.as_dict()["filters_removed"]
+
+
+def _onnx(pruned, precision: str, batch: int, images, folder: Path) -> Path:
+    import torch
+
+    from pfq_edge.export.qcdq import export_qcdq
+    from pfq_edge.quantize import calibrate, quantize_model
+    from pfq_edge.targets.profile import QuantSpec
+
+    x = images[:batch]
+    path = folder / f"{precision}-b{batch}.onnx"
+    if PRECISIONS[precision] is None:
+        with torch.no_grad():
+            torch.onnx.export(pruned, (x,), str(path), input_names=["input"], output_names=["logits"], dynamo=False)
+        return path
+    bits = PRECISIONS[precision]
+    qmodel = quantize_model(pruned, QuantSpec(weight_bit_width=bits, act_bit_width=bits))
+    calibrate(qmodel, images[:CALIBRATION])
+    return export_qcdq(qmodel, x, path)
+
+
+def _ort_level(path: Path, images) -> str:
+    """onnxruntime's highest optimization level that computes the graph as written (TVM's golden criteria)."""
+    from pfq_edge.errors import GoldenCheckError
+    from pfq_edge.export.qcdq import run_onnxruntime
+    from pfq_edge.golden import golden_check
+    from pfq_edge.pipeline import EXPORT_ATOL, EXPORT_MAX_FLIPPED
+
+    reference = run_onnxruntime(path, images, level="off")
+    for level in ("all", "basic"):
+        try:
+            golden_check(level, reference, run_onnxruntime(path, images, level=level), atol=EXPORT_ATOL,
+                         min_agreement=1.0, max_mismatch_fraction=EXPORT_MAX_FLIPPED)
+            return level
+        except GoldenCheckError:
+            continue
+    return "off"
+
+
+def run_config(name: str, pruned, precision: str, batch: int, images, threads: int, trials: int,
+               folder: Path, log) -> dict:
+    import torch
+
+    from pfq_edge.export.tvm import build_tvm
+    from pfq_edge.latency import measure
+    from pfq_edge.targets.profile import RuntimeSpec
+
+    sub = folder / f"{name}-{precision}-b{batch}"
+    sub.mkdir()
+    path = _onnx(pruned, precision, batch, images, sub)
+    golden = images[:max(batch, 64 // batch * batch)].numpy()
+    level = _ort_level(path, golden)
+    x = images[:batch].numpy()
+    row = {"model": name, "precision": precision, "batch": batch, "threads": threads, "ort_level": level,
+           "onnx_bytes": path.stat().st_size}
+    timings = {}
+    untuned = build_tvm(path, RuntimeSpec(tvm_target="llvm", threads=threads, batch_size=batch), sub / "untuned")
+    timings["tvm_untuned"] = measure("tvm", untuned.library, x, threads)
+    if trials:
+        tuned = build_tvm(path, RuntimeSpec(tvm_target="llvm", threads=threads, batch_size=batch,
+                                            tune_trials=trials), sub / "tuned", tuning_db=sub / "tvm_tuning")
+        row["tuning_s"], row["tuning_tasks"] = tuned.tuning["seconds"], tuned.tuning["tasks"]
+        timings["tvm_tuned"] = measure("tvm", tuned.library, x, threads)
+    timings["onnxruntime"] = measure("onnxruntime", path, x, threads, ort_level=level)
+    if precision == "float":  # torch eager on the very same float model, for reference
+        pt2 = sub / "model.pt2"
+        with torch.no_grad():
+            torch.export.save(torch.export.export(pruned, (images[:batch],)), str(pt2))
+        timings["torch"] = measure("torch", pt2, x, threads)
+    row.update({f"{k}_ms": v["median_ms"] for k, v in timings.items()})
+    row.update({f"{k}_p90_ms": v["p90_ms"] for k, v in timings.items()})
+    ort = row["onnxruntime_ms"]
+    row["untuned_over_ort"] = row["tvm_untuned_ms"] / ort
+    if "tvm_tuned_ms" in row:
+        row["tuned_over_ort"] = row["tvm_tuned_ms"] / ort
+    log(f"{name} {precision} batch {batch}: TVM untuned {row['tvm_untuned_ms']:.3f} ms, tuned "
+        f"{row.get('tvm_tuned_ms', float('nan')):.3f} ms, onnxruntime[{level}] {ort:.3f} ms")
+    return row
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    def f(v, fmt=".3f"):
+        return "—" if v is None else format(v, fmt)
+
+    lines = ["# CPU latency: TVM vs onnxruntime (issue 5)", "",
+             f"Command: `{meta['command']}`  ",
+             f"Wall time: {meta['wall_s']:.0f} s on {meta['machine']}; {meta['threads']} threads per engine; "
+             f"MetaSchedule {meta['tune_trials']} trials per configuration.  ",
+             "Median ms per call (each engine in its own process, warm-up dropped, ≥ 1 s of calls); ratio < 1 means "
+             "TVM is faster. `ort level`: onnxruntime's highest graph-optimization level that still computes the "
+             "model (its default `all` fuses QCDQ into integer kernels that do not, on these models).", "",
+             "| model | precision | batch | ort level | onnxruntime ms | TVM untuned ms | TVM tuned ms | "
+             "untuned / ort | tuned / ort | torch eager ms | tuning s |", "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['precision']} | {r['batch']} | {r['ort_level']} | "
+                     f"{f(r['onnxruntime_ms'])} | {f(r['tvm_untuned_ms'])} | {f(r.get('tvm_tuned_ms'))} | "
+                     f"{f(r['untuned_over_ort'], '.2f')} | {f(r.get('tuned_over_ort'), '.2f')} | "
+                     f"{f(r.get('torch_ms'))} | {f(r.get('tuning_s'), '.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--precisions", default=",".join(PRECISIONS))
+    ap.add_argument("--tune-trials", type=int, default=64, help="MetaSchedule trials per configuration, 0 = none")
+    ap.add_argument("--threads", type=int, default=0, help="threads per engine, 0 = every core")
+    ap.add_argument("--quick", action="store_true", help="default CNN, batch 1, W8A8, 8 trials")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default="runtime")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.models, args.batches, args.precisions, args.tune_trials = "fashion-dscnn", "1", "W8A8", 8
+    for what, known, given in (("model", MODELS, args.models), ("precision", PRECISIONS, args.precisions)):
+        bad = [g for g in given.split(",") if g not in known]
+        if bad:
+            ap.error(f"unknown {what} {bad[0]!r}; known: {', '.join(known)}")
+    os.environ["PFQ_EDGE_QUIET"] = "1"
+    from pfq_edge.data import load_split
+    from pfq_edge.io import atomic_write_text
+    from pfq_edge.latency import resolve_threads
+
+    threads = resolve_threads(args.threads)
+    images = load_split("test").images[:CALIBRATION]
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    t0 = time.time()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pfq-edge-runtime") as tmp:
+        for name in args.models.split(","):
+            pruned, _ = _model(name)
+            for batch in (int(b) for b in args.batches.split(",")):
+                for precision in args.precisions.split(","):
+                    rows.append(run_config(name, pruned, precision, batch, images, threads, args.tune_trials,
+                                           Path(tmp), log))
+    meta = {"command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+            "wall_s": round(time.time() - t0, 1), "machine": f"{os.cpu_count()} cores, {platform.machine()}",
+            "threads": threads, "tune_trials": args.tune_trials}
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / f"{args.name}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(args.out / f"{args.name}.md", markdown(rows, meta))
+    print(markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -126,6 +126,9 @@ class RuntimeSpec(_Strict):
             raise ValueError("a cuda target needs arch, e.g. \"sm_87\"")
         if self.mtriple is not None and self.cc is None:
             raise ValueError("a cross-compiled target (mtriple set) needs cc, the C compiler that links it")
+        if self.tune_trials and not self.runs_here:
+            raise ValueError("tune_trials needs the device to measure on; this target is cross-compiled and "
+                             "cannot be tuned on this machine")
         return self
 
     @property

@@ -212,6 +212,8 @@ def test_cpu_profiles_and_their_options():
     assert with_overrides(cpu, {"quant": {"weight_bit_width": 4, "act_bit_width": 4}}).quant.label() == "W4A4"
     with pytest.raises(ProfileError, match="tune_trials does not apply to fpga"):
         with_overrides(load_profile("fpga"), {"runtime": {"tune_trials": 16}})
+    with pytest.raises(ProfileError, match="cannot be tuned on this machine"):
+        with_overrides(load_profile("cpu-aarch64"), {"runtime": {"tune_trials": 8}})
     with pytest.raises(ProfileError, match="cannot use runtime.tvm_target 'cuda'"):
         with_overrides(cpu, {"runtime": {"tvm_target": "cuda", "arch": "sm_87"}})
 

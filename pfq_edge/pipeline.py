@@ -339,8 +339,10 @@ def stage_build(s: State) -> State:
                                       s.data["qcdq_outputs"], out, atol=EXPORT_ATOL, min_agreement=TVM_MIN_AGREEMENT,
                                       max_mismatch_fraction=EXPORT_MAX_FLIPPED).as_dict()
     else:
+        elf = build.elf
         data["not_run"] = (f"cross-compiled for {spec.mtriple or spec.tvm_target}: the library cannot be loaded on "
-                           f"this machine; checked: ELF header {build.elf}")
+                           f"this machine; checked: its ELF header ({elf.get('class')} {elf.get('type')}, "
+                           f"{elf.get('machine')})")
     s.artefacts[build.library.name] = build.library
     for f in build.extra_files:
         s.artefacts[f.name] = f

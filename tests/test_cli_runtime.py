@@ -1,6 +1,7 @@
 """`pfq-edge compile` for CPU/GPU targets as a user runs it: default model, real data, real TVM (issue 5)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ from pfq_edge.targets.profile import PROFILE_DIR
 
 
 def profile_with_budget(tmp_path, latency_ms: float):
-    text = (PROFILE_DIR / "cpu-x86.toml").read_text().replace("latency_ms = 1.0", f"latency_ms = {latency_ms}")
+    text = re.sub(r"(?m)^latency_ms = .*$", f"latency_ms = {latency_ms}", (PROFILE_DIR / "cpu-x86.toml").read_text())
     path = tmp_path / f"cpu-{latency_ms:g}.toml"
     path.write_text(text.replace('name = "cpu-x86"', f'name = "cpu-budget-{latency_ms:g}"'))
     return path

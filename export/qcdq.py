@@ -61,7 +61,10 @@ def check_qcdq_bit_widths(qmodel: torch.nn.Module, example: torch.Tensor) -> Non
     try:
         qmodel.eval()
         with torch.no_grad():
-            qmodel(example)
+            output = qmodel(example)
+        b = bits(output)
+        if b is not None and b > QCDQ_MAX_BITS:  # e.g. a sum or an accumulator returned as the model's output
+            found.append(("the model's output", b))
     finally:
         for h in handles:
             h.remove()

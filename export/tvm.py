@@ -190,7 +190,7 @@ def build_tvm(onnx_path: Path, spec, out_dir: Path, tuning_db: Path | None = Non
     except Exception as exc:
         raise ToolchainError(f"TVM cannot import {Path(onnx_path).name}: {_line(exc)}") from None
     tuning = {}
-    if spec.tvm_target == "llvm" and (spec.tune_trials or (tuning_db is not None and _records(tuning_db))):
+    if spec.runs_here and (spec.tune_trials or (tuning_db is not None and _records(tuning_db))):
         try:
             mod, tuning = _tune(mod, target, spec.tune_trials, tuning_db or out_dir / "tvm_tuning", log)
         except Exception as exc:

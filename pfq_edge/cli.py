@@ -142,7 +142,10 @@ def compile_cmd(
         raise PfqError(f"--tuning-db {tuning_db}: no MetaSchedule database there (database_tuning_record.json)")
     cfg = CompileConfig(model=model, target=target, out=out, weights=weights, overrides=overrides,
                         data_dir=data_dir, force=force, checkpoint=checkpoint, resume=resume, tuning_db=tuning_db)
-    effective_profile(cfg)  # fail fast on an unknown target or a bad option, before any heavy import
+    profile = effective_profile(cfg)  # fail fast on an unknown target or a bad option, before any heavy import
+    if tuning_db is not None and (profile.runtime is None or not profile.runtime.runs_here):
+        raise PfqError(f"--tuning-db applies to a target measured on this machine (cpu-x86); {profile.name!r} is "
+                       f"{'an FPGA target' if profile.runtime is None else 'cross-compiled and cannot use it'}")
     report = compile_model(cfg, log=None if as_json else _info)
     if dist.rank_and_world()[0] != 0:
         return

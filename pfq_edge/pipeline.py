@@ -326,7 +326,7 @@ def stage_build(s: State) -> State:
     spec = s.profile.runtime
     db = s.work / "tvm_tuning"
     previous = s.cfg.tuning_db or (Path(s.cfg.out) / "tvm_tuning")
-    if spec.tvm_target == "llvm" and previous.is_dir():
+    if spec.runs_here and previous.is_dir():  # schedules are measured on this machine: never for a cross target
         shutil.copytree(previous, db)
     build = build_tvm(s.work / "model.qcdq.onnx", spec, s.work, tuning_db=db, log=s.log)
     if db.is_dir() and not any(db.iterdir()):

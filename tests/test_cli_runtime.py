@@ -79,6 +79,10 @@ def test_tuning_options_are_checked_before_work(tmp_path):
     assert proc.returncode == 5 and one_line_error(proc) and "does not apply to fpga" in proc.stderr
     proc = run("compile", "--target", "cpu", "--tuning-db", str(tmp_path), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and one_line_error(proc) and "no MetaSchedule database" in proc.stderr
+    (tmp_path / "database_tuning_record.json").write_text("")
+    for target in ("cpu-aarch64", "gpu-cuda"):  # schedules measured here must never reach a cross-compiled library
+        proc = run("compile", "--target", target, "--tuning-db", str(tmp_path), "--out", str(tmp_path / "o"))
+        assert proc.returncode == 2 and one_line_error(proc) and "cross-compiled" in proc.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -88,6 +88,17 @@ def test_a_9_bit_sum_is_refused_with_its_name(images):
     with pytest.raises(ModelError, match=r"Tensor '0' is 10-bit"):
         check_qcdq_bit_widths(wide, images[:2])
 
+    class SumOut(nn.Module):  # the 9-bit sum is the model's output
+        def __init__(self):
+            super().__init__()
+            self.q = qnn.QuantIdentity(return_quant_tensor=True)
+
+        def forward(self, x):
+            return self.q(x) + self.q(x * 0.5)
+
+    with pytest.raises(ModelError, match=r"model's output is 9-bit"):
+        check_qcdq_bit_widths(SumOut().eval(), images[:2])
+
 
 def test_a_residual_sum_requantized_by_our_quantizer_exports(images, tmp_path):
     # The same kind of sum in a float model: pfq-edge's quantizer requantizes it to 8 bits, so QCDQ can carry it.
@@ -253,4 +264,4 @@ def test_report_json_of_a_runtime_compile_renders(tmp_path):
              "repeats": 9, "warmup": 10}],
                     "verdict": {"verdict": "meets", "latency_ms": 0.2, "budget_ms": 1.0}}}}
     text = render_markdown(json.loads(json.dumps(doc)))
-    assert "| onnxruntime | 0.1000 |" in text and "| 2.00 |" in text and "**meets**" in text
+    assert "| onnxruntime | 0.1000 |" in text and "| 2 |" in text and "**meets**" in text

@@ -28,7 +28,8 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for dist in ("pfq-edge", "torch", "brevitas", "qonnx", "finn-plus", "onnx", "onnxruntime", "numpy"):
+    for dist in ("pfq-edge", "torch", "brevitas", "qonnx", "finn-plus", "onnx", "onnxruntime", "numpy", "apache-tvm",
+                 "apache-tvm-ffi"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:

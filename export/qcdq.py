@@ -95,19 +95,11 @@ def export_qcdq(qmodel: torch.nn.Module, example: torch.Tensor, path: Path) -> P
     import onnx
     from brevitas.export import export_onnx_qcdq
 
+    from pfq_edge.export.qonnx import export_with_fallback
+
     check_qcdq_bit_widths(qmodel, example)
     path = Path(path)
-    errors = []
-    qmodel.eval()
-    for dynamo in (False, True):
-        try:
-            with torch.no_grad():
-                export_onnx_qcdq(qmodel, input_t=example, export_path=str(path), dynamo=dynamo)
-            break
-        except Exception as exc:  # brevitas/torch.onnx raise many types; we report and fall back
-            errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {str(exc).strip().splitlines()[0][:160]}")
-    else:
-        raise ToolchainError("QCDQ export failed: " + "; ".join(errors))
+    export_with_fallback(export_onnx_qcdq, "QCDQ", qmodel, example, path)
     model = onnx.load(str(path))
     try:
         onnx.checker.check_model(model)

@@ -21,20 +21,27 @@ def export_qonnx(qmodel: torch.nn.Module, example: torch.Tensor, path: Path) -> 
     from qonnx.util.cleanup import cleanup_model
 
     path = Path(path)
+    export_with_fallback(brevitas_export, "QONNX", qmodel, example, path)
+    model = cleanup_model(ModelWrapper(str(path)))
+    model.save(str(path))
+    return path
+
+
+def export_with_fallback(exporter, fmt: str, qmodel: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Run a Brevitas exporter (``export_qonnx`` / ``export_onnx_qcdq``) with its TorchScript backend, then dynamo.
+
+    Raises ToolchainError naming ``fmt`` with both backends' first error lines if neither works.
+    """
     errors = []
     qmodel.eval()
     for dynamo in (False, True):
         try:
             with torch.no_grad():
-                brevitas_export(qmodel, input_t=example, export_path=str(path), dynamo=dynamo)
-            break
+                exporter(qmodel, input_t=example, export_path=str(path), dynamo=dynamo)
+            return
         except Exception as exc:  # brevitas/torch.onnx raise many types; we report and fall back
             errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {str(exc).strip().splitlines()[0][:160]}")
-    else:
-        raise ToolchainError("QONNX export failed: " + "; ".join(errors))
-    model = cleanup_model(ModelWrapper(str(path)))
-    model.save(str(path))
-    return path
+    raise ToolchainError(f"{fmt} export failed: " + "; ".join(errors))
 
 
 def run_qonnx(path: Path, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -3,8 +3,9 @@ vs onnxruntime (vs torch eager for reference), per model × batch × precision.
 
     .venv/bin/python benchmarks/runtime.py                         # the committed table (results/runtime.md)
     .venv/bin/python benchmarks/runtime.py --quick                 # default CNN, batch 1, W8A8, 8 trials
-Tuning costs ~9 s per trial on 2 cores (each candidate is built and timed in MetaSchedule's worker processes), so
-the default tunes only the default CNN at batch 1 (W8A8, W4A4) with 32 trials; the other rows are untuned.
+Tuning costs ~9 s per trial on 2 cores (each candidate is built and timed in MetaSchedule's worker processes) plus
+~2 min of start-up per configuration, so the full table takes about two hours of an otherwise idle machine; rows are
+written to the results files as they finish. Narrow it with, e.g.:
     .venv/bin/python benchmarks/runtime.py --models fashion-dscnn --batches 1 --precisions W4A4 --tune-trials 64
 
 Each configuration goes through the compile's own pieces: PfQ (exact rule) → Brevitas quantization calibrated on
@@ -124,7 +125,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = ["# CPU latency: TVM vs onnxruntime (issue 5)", "",
              f"Command: `{meta['command']}`  ",
              f"Wall time: {meta['wall_s']:.0f} s on {meta['machine']}; {meta['threads']} threads per engine; "
-             f"MetaSchedule {meta['tune_trials']} trials per tuned configuration ({meta.get('tuned')}; ~9 s per trial here).  ",
+             f"MetaSchedule {meta['tune_trials']} trials per tuned configuration ({meta.get('tuned')}; ~9 s per trial here)"
+             + ("" if meta.get("complete", True) else " — **partial: the run is still going or was stopped**") + ".  ",
              "Median ms per call (each engine in its own process, warm-up dropped, ≥ 1 s of calls); ratio < 1 means "
              "TVM is faster. `ort level`: onnxruntime's highest graph-optimization level that still computes the "
              "model (its default `all` fuses QCDQ into integer kernels that do not, on these models).", "",
@@ -144,10 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--tune-trials", type=int, default=32, help="MetaSchedule trials per tuned configuration")
-    ap.add_argument("--tune-models", default="fashion-dscnn",
-                    help="models that get tuned (EfficientNet's ~40 tasks need far more trials than 2 cores allow)")
-    ap.add_argument("--tune-batches", default="1", help="batch sizes that get tuned")
-    ap.add_argument("--tune-precisions", default="W8A8,W4A4", help="precisions that get tuned")
+    ap.add_argument("--tune-models", default=",".join(MODELS), help="models that get tuned")
+    ap.add_argument("--tune-batches", default="1,32", help="batch sizes that get tuned")
+    ap.add_argument("--tune-precisions", default=",".join(PRECISIONS), help="precisions that get tuned")
     ap.add_argument("--threads", type=int, default=0, help="threads per engine, 0 = every core")
     ap.add_argument("--quick", action="store_true", help="default CNN, batch 1, W8A8, 8 trials")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -172,6 +173,19 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     rows = []
+    command = "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write(done: bool) -> str:
+        meta = {"command": command, "wall_s": round(time.time() - t0, 1), "complete": done,
+                "machine": f"{os.cpu_count()} cores, {platform.machine()}", "threads": threads,
+                "tune_trials": args.tune_trials,
+                "tuned": f"{args.tune_models} at batch {args.tune_batches}, {args.tune_precisions}"}
+        text = markdown(rows, meta)
+        atomic_write_text(args.out / f"{args.name}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        atomic_write_text(args.out / f"{args.name}.md", text)
+        return text
+
     with tempfile.TemporaryDirectory(prefix="pfq-edge-runtime") as tmp:
         for name in args.models.split(","):
             pruned, _ = _model(name)
@@ -181,14 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                              and precision in args.tune_precisions.split(","))
                     trials = args.tune_trials if tuned else 0
                     rows.append(run_config(name, pruned, precision, batch, images, threads, trials, Path(tmp), log))
-    meta = {"command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-            "wall_s": round(time.time() - t0, 1), "machine": f"{os.cpu_count()} cores, {platform.machine()}",
-            "threads": threads, "tune_trials": args.tune_trials,
-            "tuned": f"{args.tune_models} at batch {args.tune_batches}, {args.tune_precisions}"}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / f"{args.name}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(args.out / f"{args.name}.md", markdown(rows, meta))
-    print(markdown(rows, meta))
+                    write(done=False)  # a long run keeps what it measured if it is stopped
+    print(write(done=True))
     return 0
 
 

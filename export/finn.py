@@ -170,3 +170,27 @@ def read_estimates(report_dir: Path, fpga) -> FinnEstimate:
         throughput_fps=1e6 / (perf["max_cycles"] * period_us),
         folding=folding, report_dir=str(report_dir),
     )
+
+
+FINN_BUILD_OUTPUTS = ("estimate_reports", "stitched_ip", "bitfile", "pynq_driver", "deployment_package")
+
+
+def write_finn_build_config(qonnx_path: Path, fpga, input_bits: int, folding: dict, folder: Path) -> list[Path]:
+    """A FINN build to continue where Vivado exists: ``folder``/model.onnx (the QONNX model with its integer pixel
+    input), folding_config.json (the folding this estimate chose, so the bitfile matches it) and
+    dataflow_build_config.json (FINN's own DataflowBuildConfig: board, part, clock, every output up to the PYNQ
+    deployment package; paths relative to the folder). Run ``finn build dataflow_build_config.json model.onnx`` in
+    it. Returns the three paths."""
+    from finn.builder.build_dataflow_config import DataflowBuildConfig, DataflowOutputType, ShellFlowType
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = prepare_for_finn(qonnx_path, folder / "model.onnx", input_bits)
+    (folder / "folding_config.json").write_text(json.dumps(folding, indent=2, sort_keys=True) + "\n")
+    cfg = DataflowBuildConfig(output_dir="output", model_path=Path("model.onnx"),
+                              synth_clk_period_ns=1000.0 / fpga.clock_mhz, board=fpga.board, fpga_part=fpga.part,
+                              shell_flow_type=ShellFlowType.VIVADO_ZYNQ,
+                              folding_config_file=Path("folding_config.json"),
+                              generate_outputs=[DataflowOutputType(x) for x in FINN_BUILD_OUTPUTS])
+    doc = json.loads(cfg.to_json())
+    (folder / "dataflow_build_config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return [model, folder / "folding_config.json", folder / "dataflow_build_config.json"]

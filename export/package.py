@@ -1,7 +1,9 @@
-"""The deployment archive: model, FINN reports, report, and a manifest with the sha256 of every file.
+"""The deployment package: a deterministic .tar.gz with the model artefacts, the report, a device-side README and
+runner (``run.py``), ``SHA256SUMS`` and ``manifest.json`` (schema ``Manifest``), and its verification.
 
-Deterministic: entries sorted, timestamps 0, owner root, gzip header without time — the same files give the same
-archive bytes.
+Deterministic: entries sorted, mtime 0, owner root, mode 0644, gzip header without name or time — the same files
+give the same archive bytes. What changes from run to run (stage wall times, FINN's build log, MetaSchedule's
+measured records) stays in the output folder and out of the package.
 """
 
 from __future__ import annotations
@@ -11,9 +13,59 @@ import hashlib
 import io
 import json
 import tarfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Literal
 
-MANIFEST_SCHEMA_VERSION = 1
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pfq_edge.errors import PackageError
+
+MANIFEST_SCHEMA_VERSION = 2
+RUNNER = Path(__file__).parent / "device" / "run.py"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class RuntimeEntry(BaseModel):
+    """What ``run.py`` needs: its default engine, the artefact files, the static batch and the input shape."""
+
+    model_config = ConfigDict(extra="forbid")
+    engine: Literal["tvm", "onnxruntime", "qonnx"]
+    onnx: str
+    onnxruntime_level: Literal["ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_ALL"] | None = None
+    library: str | None = None
+    device: Literal["cpu", "cuda"] | None = None
+    batch_size: int = Field(ge=1)
+    input_shape: list[int] = Field(min_length=3, max_length=3)
+
+
+class Manifest(BaseModel):
+    """manifest.json, schema version 2 (README, "Deployment package"). Sizes in bytes or bits as named, latency in
+    ms, accuracy as fractions of the Fashion-MNIST test set."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[2]
+    tool: str
+    model: dict               # name, weights file, source_sha256 (of the float model's state dict)
+    target: str
+    kind: Literal["fpga", "cpu", "gpu"]
+    profile: dict
+    bits: str
+    pfq: dict                 # rule, filters_removed, constant filters found, exact
+    accuracy: dict            # float, pfq_float, quantized_ptq, finetuned, deployed (when run here)
+    golden: list[dict]        # every golden check of the compile
+    latency: dict             # FINN estimate or TVM measurement, with the budget verdict
+    size: dict                # logical weight bits, file sizes
+    runtime: RuntimeEntry
+    classes: list[str]
+    versions: dict[str, str]
+    files: dict[str, FileEntry]
 
 
 def sha256_file(path: Path) -> str:
@@ -21,6 +73,19 @@ def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_sha256(module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, bytes in name order): the source model's identity,
+    whatever file or factory it came from."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -38,22 +103,170 @@ def library_versions() -> dict[str, str]:
 
 
 def build_manifest(files: dict[str, Path], info: dict) -> dict:
-    """Manifest document: ``info`` (bit widths, accuracy, estimates, …) plus versions and {name: sha256}."""
-    return {"schema_version": MANIFEST_SCHEMA_VERSION, **info, "versions": library_versions(),
-            "files": {name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for name, p in sorted(files.items())}}
+    """Manifest document: ``info`` (the Manifest fields but versions and files) plus versions and {name: sha256,
+    bytes} of ``files`` ({archive name: path}). Raises PackageError if the result does not fit the schema."""
+    from importlib.metadata import version
+
+    doc = {"schema_version": MANIFEST_SCHEMA_VERSION, "tool": f"pfq-edge {version('pfq-edge')}", **info,
+           "versions": library_versions(),
+           "files": {name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for name, p in sorted(files.items())}}
+    try:
+        Manifest.model_validate(doc)
+    except ValidationError as exc:
+        raise PackageError(f"manifest does not fit its schema: {_first_error(exc)}") from None
+    return doc
+
+
+def sha256sums(manifest: dict) -> str:
+    """``sha256sum -c`` input for the files of ``manifest``: a device can check the package without pfq-edge."""
+    return "".join(f"{entry['sha256']}  {name}\n" for name, entry in sorted(manifest["files"].items()))
 
 
 def write_archive(path: Path, files: dict[str, Path], manifest: dict) -> Path:
-    """Write ``files`` ({archive name: source path}) and ``manifest.json`` into a deterministic .tar.gz at ``path``."""
+    """Write ``files`` ({archive name: source path}), ``manifest.json`` and ``SHA256SUMS`` into a deterministic
+    .tar.gz at ``path`` (written whole, then renamed into place)."""
+    from pfq_edge.io import atomic_write_bytes
+
     entries = {name: Path(src).read_bytes() for name, src in files.items()}
     entries["manifest.json"] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    entries["SHA256SUMS"] = sha256sums(manifest).encode()
     buf = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for name in sorted(entries):
                 data = entries[name]
                 ti = tarfile.TarInfo(name)
-                ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o644, 0, 0, "", ""
+                ti.size, ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0, 0, "", ""
+                ti.mode = 0o755 if name == "run.py" else 0o644
                 tar.addfile(ti, io.BytesIO(data))
-    Path(path).write_bytes(buf.getvalue())
+    atomic_write_bytes(Path(path), buf.getvalue())
     return Path(path)
+
+
+def device_readme(info: dict, archive: str) -> str:
+    """README.md of the package: what is in it, how to check it and run it on the device, what was verified."""
+    acc, lat, rt = info["accuracy"], info["latency"], info["runtime"]
+    kind = info["kind"]
+    lines = [f"# {info['model']['name']} for {info['target']} ({info['bits']})", "",
+             f"Made by pfq-edge: PfQ removed {info['pfq']['filters_removed']} filters (rule {info['pfq']['rule']}), "
+             + ("then quantization-aware fine-tuning. " if acc.get("finetuned") is not None else
+                "then quantization (no fine-tuning). ") +
+             f"Fashion-MNIST top-1: float {_pct(acc.get('float'))}, quantized "
+             f"{_pct(acc['finetuned'] if acc.get('finetuned') is not None else acc.get('quantized_ptq'))}" + (f", this package's {rt.get('library')} {_pct(acc.get('deployed'))}"
+                                                 if acc.get("deployed") is not None else "") + ".", "",
+             "## Check the files", "", "    sha256sum -c SHA256SUMS        # or, with pfq-edge: pfq-edge verify "
+             f"{archive}", "", "## Run it", ""]
+    if kind == "fpga":
+        lines += ["`run.py` executes `model.qonnx.onnx` with qonnx (`pip install qonnx numpy`) on a CPU — the "
+                  "model FINN verifies its hardware against:", "", "    python run.py images.npz", "",
+                  "To build the bitfile and PYNQ driver where Vivado is installed (FINN, finn-plus):", "",
+                  "    cd finn_build && finn build dataflow_build_config.json model.onnx", "",
+                  f"It uses the folding of `folding_config.json` (the estimate: {lat['latency_ms']:.3f} ms, "
+                  f"{lat['throughput_fps']:.0f} fps on {info['profile']['fpga']['part']} at "
+                  f"{info['profile']['fpga']['clock_mhz']:g} MHz; fit: {lat['fit']}). `finn_reports/` holds FINN's "
+                  "per-layer estimates."]
+    else:
+        device = "the CUDA GPU (tvm.cuda(0))" if rt["device"] == "cuda" else "the CPU"
+        lines += [f"`run.py` loads `{rt['library']}` with the TVM runtime (`pip install apache-tvm numpy`, same "
+                  f"version as in manifest.json) on {device}, batch {rt['batch_size']}:", "",
+                  "    python run.py images.npz                     # arrays 'images' (N, 28, 28) uint8, 'labels'",
+                  "    python run.py images.npz --engine onnxruntime   # the QCDQ model instead", "",
+                  f"Latency: {lat['source']}" + (", median ms per call: " + ", ".join(
+                      f"{k} {v['median_ms']:.3f}" for k, v in lat["engines"].items()) if lat.get("engines") else "")
+                  + f"; budget {lat['budget_ms']} ms: {lat['verdict']}."]
+        if kind == "gpu":
+            lines += ["", "The CUDA module was compiled here but not run: no GPU figure is claimed."]
+    lines += ["", "manifest.json lists the versions, the profile, every golden check and the sha256 of every file; "
+              "report.md explains each number.", ""]
+    return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+    return f"{where}: {err['msg']}"
+
+
+def _unsafe(name: str) -> str | None:
+    p = PurePosixPath(name.replace("\\", "/"))
+    if not name or p.is_absolute() or (p.parts and ":" in p.parts[0]):
+        return "absolute path"
+    if ".." in p.parts:
+        return "'..' in its path"
+    return None
+
+
+def verify_package(path: Path) -> dict:
+    """Check a deployment package without extracting it: every member a plain file with a safe relative name,
+    manifest.json valid against ``Manifest``, every listed file present with its sha256 and size, nothing unlisted.
+
+    Returns {"package", "ok", "files_checked", "problems": [one line each]}; raises PackageError if ``path`` is not
+    a readable .tar.gz at all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PackageError(f"package not found: {path}")
+    problems: list[str] = []
+    members: dict[str, tarfile.TarInfo] = {}
+    try:
+        tar = tarfile.open(path, mode="r:gz")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise PackageError(f"{path} is not a readable .tar.gz: {exc}") from None
+    with tar:
+        try:
+            infos = tar.getmembers()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise PackageError(f"{path} is truncated or corrupt: {exc}") from None
+        for m in infos:
+            reason = _unsafe(m.name)
+            if reason:
+                problems.append(f"member {m.name!r} refused: {reason}")
+            elif not m.isfile():
+                problems.append(f"member {m.name!r} refused: not a regular file (link, device or folder)")
+            elif m.name in members:
+                problems.append(f"member {m.name!r} appears twice")
+            else:
+                members[m.name] = m
+        manifest = _read_manifest(tar, members, problems)
+        checked = 0
+        if manifest is not None:
+            listed = manifest["files"]
+            for name in sorted(set(members) - set(listed) - {"manifest.json", "SHA256SUMS"}):
+                problems.append(f"file {name!r} is in the package but not in manifest.json")
+            for name, entry in sorted(listed.items()):
+                if name not in members:
+                    problems.append(f"file {name!r} is listed in manifest.json but missing")
+                    continue
+                h, size = hashlib.sha256(), 0
+                with tar.extractfile(members[name]) as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+                        size += len(block)
+                checked += 1
+                if h.hexdigest() != entry["sha256"] or size != entry["bytes"]:
+                    problems.append(f"file {name!r} does not match its sha256 in manifest.json (modified)")
+            if "SHA256SUMS" in members and tar.extractfile(members["SHA256SUMS"]).read().decode(
+                    errors="replace") != sha256sums(manifest):
+                problems.append("SHA256SUMS does not match manifest.json")
+    return {"package": str(path), "ok": not problems, "files_checked": checked, "problems": problems}
+
+
+def _read_manifest(tar, members: dict, problems: list[str]) -> dict | None:
+    if "manifest.json" not in members:
+        problems.append("manifest.json is missing")
+        return None
+    try:
+        doc = json.loads(tar.extractfile(members["manifest.json"]).read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        problems.append(f"manifest.json is not valid JSON: {exc}")
+        return None
+    try:
+        Manifest.model_validate(doc)
+    except ValidationError as exc:
+        problems.append(f"manifest.json does not fit schema version {MANIFEST_SCHEMA_VERSION}: {_first_error(exc)}")
+        return None
+    return doc

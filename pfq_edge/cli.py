@@ -1,4 +1,4 @@
-"""Command-line interface: ``pfq-edge compile``, ``pfq-edge targets``.
+"""Command-line interface: ``pfq-edge compile | analyze | prune | verify | report | targets``.
 
 Heavy libraries (torch, brevitas, FINN) are imported inside the commands so that ``--help`` stays fast.
 Errors the user can fix print one line on stderr and exit with the code of their kind (README, "Exit codes").
@@ -350,6 +350,44 @@ def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-read
         table.add_row(name, r["kind"], f"{r['bits']}, {r['granularity']}", device, goal,
                       f"{r['latency_budget_ms']} ms")
     _console().print(table)
+
+
+@app.command("verify")
+def verify_cmd(
+    package: Path = typer.Argument(..., help="A deployment package (.tar.gz) written by `pfq-edge compile`."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
+) -> None:
+    """Check a deployment package without extracting it: safe member names, manifest.json against its schema, the
+    sha256 and size of every file, nothing unlisted. Exit 10 names every problem (a modified file by name)."""
+    from pfq_edge.errors import PackageError
+    from pfq_edge.export.package import verify_package
+
+    result = verify_package(package)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    elif result["ok"]:
+        typer.echo(f"{package}: OK ({result['files_checked']} files match manifest.json)")
+    if not result["ok"]:
+        if not as_json:
+            for problem in result["problems"][1:]:
+                typer.echo(f"pfq-edge: error: {package}: {problem}", err=True)
+        raise PackageError(f"{package}: {result['problems'][0]}" + (
+            f" (and {len(result['problems']) - 1} more)" if len(result["problems"]) > 1 else ""))
+
+
+@app.command("report")
+def report_cmd(
+    out: Path = typer.Argument(..., help="An output folder of `pfq-edge compile` (holds report.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print report.json's summary as JSON on stdout."),
+) -> None:
+    """Re-render report.md and the PNG plots (plots/) of a compile's output folder from its report.json."""
+    from pfq_edge.report import rerender
+
+    doc = rerender(out)
+    if as_json:
+        typer.echo(json.dumps({"out": str(out), "plots": doc["plots"], "summary": doc["summary"]}, indent=2))
+    else:
+        typer.echo(f"wrote {out / 'report.md'} and {len(doc['plots'])} plots in {out / 'plots'}")
 
 
 def _terminate(signum, frame):

@@ -43,3 +43,9 @@ class OutputError(PfqError):
     """The output location cannot be written (exists without --force, not writable)."""
 
     exit_code = 8
+
+
+class PackageError(PfqError):
+    """A deployment package is unreadable, unsafe or does not match its manifest (``pfq-edge verify``)."""
+
+    exit_code = 10

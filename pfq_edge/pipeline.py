@@ -256,10 +256,16 @@ def stage_estimate(s: State) -> State:
     verdicts = fpga_verdicts(s.estimate, s.profile)
     reports = s.work / "finn_reports"
     shutil.copytree(s.estimate.report_dir, reports)
-    shutil.copy(build / "finn" / "build.log", reports / "build.log")
-    shutil.rmtree(build)
     for f in sorted(reports.iterdir()):
-        s.artefacts[f"finn_reports/{f.name}"] = f
+        if f.name != "time_per_step.json":  # wall times: in the folder, not the package
+            s.artefacts[f"finn_reports/{f.name}"] = f
+    shutil.copy(build / "finn" / "build.log", reports / "build.log")  # timestamps: likewise
+    shutil.rmtree(build)
+    from pfq_edge.export.finn import write_finn_build_config
+
+    for f in write_finn_build_config(s.qonnx_path, s.profile.fpga, s.profile.quant.input_bit_width,
+                                     s.estimate.folding, s.work / "finn_build"):
+        s.artefacts[f"finn_build/{f.name}"] = f
     s.report.add("estimate", {**s.estimate.as_dict(), "report_dir": "finn_reports", "verdicts": verdicts})
     return s
 
@@ -324,12 +330,18 @@ def stage_build(s: State) -> State:
     if db.is_dir() and not any(db.iterdir()):
         db.rmdir()
     data = build.as_dict()
-    if build.runs_here:
-        images = _golden_images(s)
-        out = run_outputs("tvm", build.library, images.numpy(), spec.batch_size, resolve_threads(spec.threads))
+    if build.runs_here:  # the deployed artefact on every test image, loaded from disk by a fresh process
+        test = s.data["test"]
+        n = len(test) // spec.batch_size * spec.batch_size
+        out = run_outputs("tvm", build.library, test.images[:n].numpy(), spec.batch_size,
+                          resolve_threads(spec.threads))
+        golden = len(s.data["qcdq_outputs"])
         data["golden"] = golden_check("build (TVM library in a fresh process vs QCDQ in onnxruntime)",
-                                      s.data["qcdq_outputs"], out, atol=EXPORT_ATOL, min_agreement=TVM_MIN_AGREEMENT,
+                                      s.data["qcdq_outputs"], out[:golden], atol=EXPORT_ATOL,
+                                      min_agreement=TVM_MIN_AGREEMENT,
                                       max_mismatch_fraction=EXPORT_MAX_FLIPPED).as_dict()
+        s.report.add("accuracy", {"deployed": float((out.argmax(1) == test.labels[:n].numpy()).mean())})
+        data["deployed_images"] = n
     else:
         elf = build.elf
         data["not_run"] = (f"cross-compiled for {spec.mtriple or spec.tvm_target}: the library cannot be loaded on "
@@ -338,10 +350,7 @@ def stage_build(s: State) -> State:
     s.artefacts[build.library.name] = build.library
     for f in build.extra_files:
         s.artefacts[f.name] = f
-    if db.is_dir():
-        for f in sorted(db.iterdir()):
-            s.artefacts[f"tvm_tuning/{f.name}"] = f
-    s.data["tvm_build"] = build
+    s.data["tvm_build"] = build  # tvm_tuning/ (measured records) stays in the output folder, not the package
     s.report.add("build", data)
     return s
 
@@ -391,26 +400,81 @@ def _torch_export(model, x, folder: Path) -> Path:
 
 
 def stage_package(s: State) -> State:
-    """report.json, report.md and the deployment archive (model, FINN reports, report, manifest with sha256)."""
-    from pfq_edge.export.package import build_manifest, write_archive
+    """report.json, report.md, plots/, and the deterministic deployment archive: the model artefacts, the report,
+    a device README, run.py, SHA256SUMS and manifest.json (export/package.py)."""
+    from pfq_edge.export.package import RUNNER, build_manifest, device_readme, write_archive
+    from pfq_edge.report import render_plots
 
     _summarise(s)
+    name = f"pfq-edge-{_slug(s.cfg.model)}-{s.profile.name}.tar.gz"
+    s.report.add("package", {"archive": name})
+    doc = json.loads(s.report.to_json())
+    doc["plots"] = render_plots(doc, s.work / "plots")
+    s.report.plots = doc["plots"]
     (s.work / "report.json").write_text(s.report.to_json())
     (s.work / "report.md").write_text(s.report.to_markdown())
-    files = {**s.artefacts, "report.json": s.work / "report.json", "report.md": s.work / "report.md"}
-    info = {"model": s.cfg.model, "target": s.profile.name, "profile": s.profile.model_dump(exclude={"source"}),
-            "bits": s.report.summary["bits"], "accuracy": s.report.stages["accuracy"],
-            "pfq": {"filters_removed": s.report.stages["prune"]["filters_removed"]},
-            "estimates": {k: s.report.summary.get(k) for k in ("latency_us", "throughput_fps", "LUT", "BRAM_18K",
-                                                              "URAM", "DSP", "fit", "latency_verdict",
-                                                              "latency_ms", "tvm_target") if k in s.report.summary},
-            "weight_bits": s.report.summary["weight_bits"]}
+    info = _manifest_info(s)
+    (s.work / "README.md").write_text(device_readme(info, name))
+    shutil.copy(RUNNER, s.work / "run.py")
+    files = {**s.artefacts, **{f"plots/{k}.png": s.work / "plots" / f"{k}.png" for k in doc["plots"]},
+             **{f: s.work / f for f in ("report.json", "report.md", "README.md", "run.py")}}
     manifest = build_manifest(files, info)
-    name = f"pfq-edge-{_slug(s.cfg.model)}-{s.profile.name}.tar.gz"
     write_archive(s.work / name, files, manifest)
     (s.work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    s.report.add("package", {"archive": name})
     return s
+
+
+def _manifest_info(s: State) -> dict:
+    """The manifest fields that describe this compile (export/package.py, ``Manifest``)."""
+    from pfq_edge.export.package import FASHION_MNIST_CLASSES, state_dict_sha256
+
+    st, summary = s.report.stages, s.report.summary
+    prune = st["prune"]
+    golden = [g for g in (prune.get("golden"), prune.get("guard"), st["export"].get("golden"),
+                          st.get("build", {}).get("golden")) if g]
+    if s.profile.kind == "fpga":
+        est = st["estimate"]
+        latency = {"source": "FINN estimate (no synthesis)", "latency_ms": est["latency_us"] / 1000,
+                   "throughput_fps": est["throughput_fps"], "budget_ms": s.profile.budget.latency_ms,
+                   "verdict": est["verdicts"]["latency"]["verdict"], "fit": est["verdicts"]["fit"]["verdict"],
+                   "resources": est["totals"]}
+        runtime = {"engine": "qonnx", "onnx": "model.qonnx.onnx", "batch_size": 1}
+    else:
+        measured, build = st["measure"], st["build"]
+        engines = {e["engine"]: {k: e[k] for k in ("median_ms", "p90_ms", "min_ms")} for e in measured["engines"]}
+        latency = {"source": "measured on the build machine" if engines else "not measured",
+                   "engines": engines, "batch_size": measured.get("batch_size"), "threads": measured.get("threads"),
+                   "budget_ms": s.profile.budget.latency_ms, "verdict": measured["verdict"]["verdict"]}
+        level = {"all": "ORT_ENABLE_ALL", "basic": "ORT_ENABLE_BASIC", "off": "ORT_DISABLE_ALL"}
+        runtime = {"engine": "tvm", "onnx": "model.qcdq.onnx", "library": build["library"],
+                   "device": "cuda" if s.profile.runtime.tvm_target == "cuda" else "cpu",
+                   "onnxruntime_level": level[st["export"]["onnxruntime_level"]],
+                   "batch_size": s.profile.runtime.batch_size}
+    runtime["input_shape"] = list(s.data["test"].images.shape[1:])
+    size = {"weight_bits": summary["weight_bits"], "bias_params": summary["bias_params"],
+            "onnx_bytes": st["export"]["bytes"]}
+    if "build" in st:
+        size["library_bytes"] = (s.work / st["build"]["library"]).stat().st_size
+    return {"model": {"name": s.cfg.model, "weights": Path(s.cfg.weights).name if s.cfg.weights else None,
+                      "source_sha256": state_dict_sha256(s.float_model)},
+            "target": s.profile.name, "kind": s.profile.kind,
+            "profile": s.profile.model_dump(exclude={"source"}), "bits": summary["bits"],
+            "pfq": {k: prune.get(k) for k in ("rule", "filters_removed", "constant_total", "exact")},
+            "accuracy": st["accuracy"], "golden": golden, "latency": latency, "size": size, "runtime": runtime,
+            "classes": FASHION_MNIST_CLASSES}
+
+
+def write_run_facts(path: Path, report: Report) -> None:
+    """run.json: what changes from run to run and is therefore kept out of report.json and the package — stage
+    wall times, the date, this machine."""
+    import datetime
+    import os
+    import platform
+
+    facts = {"finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+             "timings_s": report.timings_s}
+    path.write_text(json.dumps(facts, indent=2) + "\n")
 
 
 def _slug(text: str) -> str:
@@ -530,8 +594,9 @@ def compile_model(cfg: CompileConfig, log=None) -> Report:
         return report
     try:
         with staged_dir(Path(cfg.out), force=cfg.force) as work:
-            state = State(cfg=cfg, profile=profile, report=Report(cfg.model, profile.name), work=work)
+            state = State(cfg=cfg, profile=profile, report=Report(cfg.model, profile.name, profile.kind), work=work)
             report = run_stages(state, stages_for(profile), log).report
+            write_run_facts(work / "run.json", report)
     finally:
         dist.barrier()
     return report

@@ -1,11 +1,21 @@
-"""The one Report every stage appends to, rendered as report.json (machine-readable) and report.md (people)."""
+"""The one Report every stage appends to, rendered as report.json (machine-readable), report.md and PNG plots
+(people). report.json holds what the compile computed, never wall-clock facts, so that it is reproducible; stage
+times go to run.json beside it (not into the package).
+
+report.json, schema version 2: {schema_version, model, target, kind, summary, stages: {load, accuracy, prune,
+quantize, finetune, export, estimate | build + measure, package}} (README, "report.json").
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+PLOTS = {"folded_range": "folded-weight range per layer, before and after PfQ",
+         "accuracy_size": "accuracy against logical weight size, per stage",
+         "finn_layers": "FINN per-layer cycles and resources",
+         "latency": "latency per engine"}
 
 
 @dataclass
@@ -14,16 +24,18 @@ class Report:
 
     model: str
     target: str
+    kind: str = "fpga"
     stages: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
-    timings_s: dict = field(default_factory=dict)
+    timings_s: dict = field(default_factory=dict)  # wall times: written to run.json, not report.json
+    plots: list = field(default_factory=list)
 
     def add(self, stage: str, data: dict) -> None:
         self.stages.setdefault(stage, {}).update(data)
 
     def to_json(self) -> str:
-        doc = {"schema_version": SCHEMA_VERSION, "model": self.model, "target": self.target,
-               "summary": self.summary, "stages": self.stages, "timings_s": self.timings_s}
+        doc = {"schema_version": SCHEMA_VERSION, "model": self.model, "target": self.target, "kind": self.kind,
+               "summary": self.summary, "stages": self.stages, "plots": self.plots}
         return json.dumps(doc, indent=2, sort_keys=False, default=_jsonable) + "\n"
 
     def to_markdown(self) -> str:
@@ -92,10 +104,50 @@ def render_markdown(doc: dict) -> str:
                          f"{r['DSP']:.0f}"] for r in fpga["layers"]]), ""]
     if st.get("build"):
         out += _runtime_section(st.get("export", {}), st["build"], st.get("measure", {}))
-    if doc.get("timings_s"):
-        out += ["## Stage times", "", _table(["stage", "seconds"],
-                                              [[k, f"{v:.1f}"] for k, v in doc["timings_s"].items()]), ""]
+    plots = [k for k in PLOTS if k in doc.get("plots", [])]
+    if plots:
+        out += ["## Plots", ""] + [f"![{PLOTS[k]}](plots/{k}.png)" for k in plots] + [""]
     return "\n".join(out)
+
+
+def plot_points(doc: dict) -> list[dict]:
+    """Accuracy-vs-size points of one report: float and PfQ float at 32 bits per weight, PTQ and fine-tuned at the
+    quantized logical size."""
+    s, st = doc["summary"], doc["stages"]
+    params = st.get("load", {}).get("parameters")
+    kept = sum(r["params"] for r in st.get("quantize", {}).get("layers", []))  # conv/linear weights after PfQ
+    label = s.get("bits", "").split(" ")[0]
+    return [{"label": "float (all parameters)", "top1": s.get("float_top1"), "weight_bits": params and 32 * params},
+            {"label": "PfQ float (weights)", "top1": s.get("pfq_top1"), "weight_bits": 32 * kept},
+            {"label": f"{label} PTQ", "top1": s.get("quantized_top1"), "weight_bits": s.get("weight_bits")},
+            {"label": f"{label} fine-tuned", "top1": s.get("finetuned_top1"), "weight_bits": s.get("weight_bits")}]
+
+
+def render_plots(doc: dict, folder) -> list[str]:
+    """Write the PNG plots a report.json document has data for into ``folder``; returns their keys (PLOTS)."""
+    from pathlib import Path
+
+    from pfq_edge import plots
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    st, name = doc["stages"], f"{doc['model']} → {doc['target']}"
+    done = []
+    layers = st.get("prune", {}).get("layers")
+    if layers:
+        plots.plot_folded_ranges(layers, f"{name}: folded weight range before/after PfQ", folder / "folded_range.png")
+        done.append("folded_range")
+    plots.plot_accuracy_vs_size(plot_points(doc), f"{name}: top-1 vs logical weight size", folder / "accuracy_size.png")
+    done.append("accuracy_size")
+    if st.get("estimate", {}).get("layers"):
+        plots.plot_finn_layers(st["estimate"]["layers"], f"{name}: FINN estimate per layer", folder / "finn_layers.png")
+        done.append("finn_layers")
+    engines = st.get("measure", {}).get("engines")
+    if engines:
+        plots.plot_latency(engines, st["measure"]["verdict"].get("budget_ms"), f"{name}: latency per call",
+                           folder / "latency.png")
+        done.append("latency")
+    return done
 
 
 def _prune_section(prune: dict) -> list[str]:
@@ -245,3 +297,27 @@ def summary_rows(s: dict) -> list[list]:
             ["latency budget", s.get("latency_verdict", "—")],
         ]
     return rows
+
+
+def rerender(folder) -> dict:
+    """Rewrite ``folder``/report.md and ``folder``/plots/*.png from ``folder``/report.json; returns the document.
+    Raises OutputError if the folder has no readable report.json of this schema version."""
+    from pathlib import Path
+
+    from pfq_edge.errors import OutputError
+    from pfq_edge.io import atomic_write_text
+
+    path = Path(folder) / "report.json"
+    if not path.is_file():
+        raise OutputError(f"{folder} has no report.json (is it an output folder of `pfq-edge compile`?)")
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {doc.get('schema_version')!r}, this pfq-edge reads {SCHEMA_VERSION}")
+        doc["plots"] = render_plots(doc, Path(folder) / "plots")
+        atomic_write_text(Path(folder) / "report.md", render_markdown(doc))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OutputError(f"{path} cannot be rendered: {type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        raise OutputError(f"cannot write into {folder}: {exc.strerror}") from None
+    return doc

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Classify images with the model of this pfq-edge deployment package (runs on the device; needs numpy and the
+package's runtime: TVM for CPU/GPU packages, onnxruntime for their QCDQ model, qonnx for FPGA packages).
+
+    python run.py IMAGES.npz                 # arrays "images" (N, 28, 28) or (N, 1, 28, 28), optional "labels" (N,)
+    python run.py IMAGES.npy --json          # one array of images; predictions as JSON on stdout
+    python run.py IMAGES.npz --engine onnxruntime
+
+Images are uint8 pixels 0–255 or float32 in [0, 1]. Prints the predicted class per image and, with labels, the
+top-1 accuracy (compare it with manifest.json's ``accuracy``). Exit 2 with one line on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def fail(message: str) -> None:
+    print(f"run.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_images(path: Path, shape: list[int]):
+    """(images float32 (N, C, H, W) in [0, 1], labels int64 (N,) or None) from an .npy or .npz file."""
+    if not path.is_file():
+        fail(f"no such file: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:  # numpy raises several types for a file that is not an array
+        fail(f"cannot read {path} as .npy/.npz: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    labels = None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        key = next((k for k in ("images", "x") if k in data.files), None)
+        if key is None:
+            fail(f"{path} has arrays {data.files}; expected 'images' (and optionally 'labels')")
+        images = data[key]
+        labels = data["labels"] if "labels" in data.files else data["y"] if "y" in data.files else None
+    else:
+        images = data
+    c, h, w = shape
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4 or tuple(images.shape[1:]) != (c, h, w):
+        fail(f"images have shape {tuple(images.shape)}; this model takes (N, {c}, {h}, {w}) or (N, {h}, {w})")
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255.0
+    elif images.dtype.kind == "f":
+        images = images.astype(np.float32)
+        if images.size and (images.min() < 0 or images.max() > 1):
+            fail("float images must lie in [0, 1] (or give uint8 pixels)")
+    else:
+        fail(f"images have dtype {images.dtype}; expected uint8 or float32")
+    if labels is not None and labels.shape != (len(images),):
+        fail(f"labels have shape {labels.shape}; expected ({len(images)},)")
+    return np.ascontiguousarray(images), labels
+
+
+def engine(manifest: dict, name: str):
+    """A function (B, C, H, W) float32 -> (B, classes) logits for the package's artefact in runtime ``name``."""
+    runtime = manifest["runtime"]
+    if name == "tvm":
+        import tvm
+        from tvm import relax
+
+        device = tvm.cuda(0) if runtime["device"] == "cuda" else tvm.cpu()
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(HERE / runtime["library"])), device)
+        return lambda x: vm["main"](tvm.runtime.tensor(x, device)).numpy()
+    if name == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, runtime["onnxruntime_level"])
+        session = ort.InferenceSession(str(HERE / runtime["onnx"]), options, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {session.get_inputs()[0].name: x})[0]
+    if name == "qonnx":
+        from qonnx.core.modelwrapper import ModelWrapper
+        from qonnx.core.onnx_exec import execute_onnx
+
+        model = ModelWrapper(str(HERE / runtime["onnx"]))
+        inp, out = model.graph.input[0].name, model.graph.output[0].name
+        return lambda x: execute_onnx(model, {inp: x})[out]
+    fail(f"unknown engine {name!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("images", type=Path)
+    ap.add_argument("--engine", choices=["tvm", "onnxruntime", "qonnx"], help="default: the package's runtime")
+    ap.add_argument("--json", action="store_true", help="print predictions (and top-1) as JSON")
+    args = ap.parse_args(argv)
+    manifest = json.loads((HERE / "manifest.json").read_text())
+    runtime = manifest["runtime"]
+    name = args.engine or runtime["engine"]
+    if name == "tvm" and runtime.get("device") != "cpu" and runtime.get("device") != "cuda":
+        fail("this package has no TVM library")
+    images, labels = load_images(args.images, runtime["input_shape"])
+    run = engine(manifest, name)
+    batch = runtime["batch_size"]
+    logits = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch]
+        pad = batch - len(x)  # the compiled model has a static batch: pad the last one, drop the padding after
+        if pad:
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)])
+        logits.append(np.asarray(run(np.ascontiguousarray(x)))[:batch - pad])
+    predictions = np.concatenate(logits).argmax(axis=1) if logits else np.zeros(0, np.int64)
+    top1 = float((predictions == labels).mean()) if labels is not None and len(labels) else None
+    if args.json:
+        print(json.dumps({"engine": name, "images": len(images), "predictions": predictions.tolist(), "top1": top1}))
+        return 0
+    classes = manifest.get("classes") or [str(i) for i in range(int(predictions.max(initial=0)) + 1)]
+    for i, p in enumerate(predictions):
+        print(f"{i}\t{p}\t{classes[p]}")
+    if top1 is not None:
+        print(f"top-1 {top1:.4f} on {len(images)} images ({name})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -61,7 +61,8 @@ def _info(message: str) -> None:
 @app.command("compile")
 def compile_cmd(
     target: str = typer.Option(..., "--target", "-t", help="Profile name or alias (see `pfq-edge targets`) or a "
-                                                            "profile .toml file."),
+                                                            "profile .toml file; several, comma-separated, "
+                                                            "write one folder each under --out."),
     model: str = typer.Option("fashion-dscnn", "--model", "-m", help="Zoo name or package.module:factory."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict: .safetensors, or a torch file "
                                                                     "loaded with weights_only=True."),
@@ -117,7 +118,7 @@ def compile_cmd(
     Options marked "profile" override the keys of the profile's quant, pfq, finetune and runtime sections (README,
     "Workflow options"). Runs unchanged under `torchrun --nproc_per_node=N -m pfq_edge compile …` (rank 0 writes)."""
     from pfq_edge import dist
-    from pfq_edge.pipeline import CompileConfig, budget_missed, compile_model, effective_profile
+    from pfq_edge.pipeline import CompileConfig, budget_missed, compile_targets, effective_profiles
 
     if resume and checkpoint is None:
         raise PfqError("--resume needs --checkpoint FILE")
@@ -140,22 +141,32 @@ def compile_cmd(
     }
     if tuning_db is not None and not (tuning_db / "database_tuning_record.json").is_file():
         raise PfqError(f"--tuning-db {tuning_db}: no MetaSchedule database there (database_tuning_record.json)")
-    cfg = CompileConfig(model=model, target=target, out=out, weights=weights, overrides=overrides,
+    targets = [t.strip() for t in target.split(",")]
+    if not all(targets):
+        raise PfqError(f"--target {target!r} has an empty name")
+    cfg = CompileConfig(model=model, target=targets[0], out=out, weights=weights, overrides=overrides,
                         data_dir=data_dir, force=force, checkpoint=checkpoint, resume=resume, tuning_db=tuning_db)
-    profile = effective_profile(cfg)  # fail fast on an unknown target or a bad option, before any heavy import
-    if tuning_db is not None and (profile.runtime is None or not profile.runtime.runs_here):
-        raise PfqError(f"--tuning-db applies to a target measured on this machine (cpu-x86); {profile.name!r} is "
-                       f"{'an FPGA target' if profile.runtime is None else 'cross-compiled and cannot use it'}")
-    report = compile_model(cfg, log=None if as_json else _info)
+    profile = effective_profiles(cfg, targets)[0]  # fail fast on a bad target or option, before heavy imports
+    if tuning_db is not None and (len(targets) > 1 or profile.runtime is None or not profile.runtime.runs_here):
+        raise PfqError("--tuning-db applies to one target measured on this machine (cpu-x86); " + (
+            f"{len(targets)} targets given" if len(targets) > 1 else f"{profile.name!r} is " + (
+                "an FPGA target" if profile.runtime is None else "cross-compiled and cannot use it")))
+    reports = compile_targets(cfg, targets, log=None if as_json else _info)
     if dist.rank_and_world()[0] != 0:
         return
-    if as_json:
-        typer.echo(json.dumps({"out": str(out), "summary": report.summary}, indent=2))
+    if len(reports) == 1:
+        if as_json:
+            typer.echo(json.dumps({"out": str(out), "summary": reports[0].summary}, indent=2))
+        else:
+            _print_summary(reports[0], out)
+    elif as_json:
+        typer.echo(json.dumps({"out": str(out), "targets": [{"target": r.target, "folder": str(out / r.target),
+                                                             "summary": r.summary} for r in reports]}, indent=2))
     else:
-        _print_summary(report, out)
-    missed = budget_missed(report.summary)
+        _print_multi_summary(out)
+    missed = [f"{r.target}: {m}" for r in reports if (m := budget_missed(r.summary))]
     if missed:
-        _fail(f"budget missed: {missed}; the output in {out} is complete", BUDGET_MISSED_EXIT)
+        _fail(f"budget missed: {'; '.join(missed)}; the output in {out} is complete", BUDGET_MISSED_EXIT)
 
 
 def _checkpoint_dir(checkpoint: Path) -> None:
@@ -186,6 +197,22 @@ def _print_summary(report, out: Path) -> None:
     console = _console()
     console.print(table)
     console.print(f"output: {out}/ (report.md, report.json, {report.stages['package']['archive']})")
+
+
+def _print_multi_summary(out: Path) -> None:
+    from rich.table import Table
+
+    from pfq_edge.report import summary_rows_multi
+
+    head, rows = summary_rows_multi(json.loads((out / "summary.json").read_text()))
+    table = Table(title=f"pfq-edge: {len(rows)} targets")
+    for col in head:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*map(str, row))
+    console = _console()
+    console.print(table)
+    console.print(f"output: {out}/ (summary.md, summary.json, one folder per target)")
 
 
 def _check_rule(rule: str) -> None:

@@ -62,6 +62,7 @@ class State:
     estimate: object = None
     artefacts: dict = field(default_factory=dict)
     log: object = None
+    final: Path | None = None  # where this target's output lands (cfg.out, or cfg.out/<target> for several)
 
 
 def stage_load(s: State) -> State:
@@ -323,7 +324,7 @@ def stage_build(s: State) -> State:
 
     spec = s.profile.runtime
     db = s.work / "tvm_tuning"
-    previous = s.cfg.tuning_db or (Path(s.cfg.out) / "tvm_tuning")
+    previous = s.cfg.tuning_db or (Path(s.final or s.cfg.out) / "tvm_tuning")
     if spec.runs_here and previous.is_dir():  # schedules are measured on this machine: never for a cross target
         shutil.copytree(previous, db)
     build = build_tvm(s.work / "model.qcdq.onnx", spec, s.work, tuning_db=db, log=s.log)
@@ -486,7 +487,7 @@ def _summarise(s: State) -> None:
     q = s.profile.quant
     summary = {
         "float_top1": acc.get("float"), "pfq_top1": acc.get("pfq_float"), "quantized_top1": acc.get("quantized_ptq"),
-        "finetuned_top1": acc.get("finetuned"),
+        "finetuned_top1": acc.get("finetuned"), "deployed_top1": acc.get("deployed"),
         "bits": f"W{q.weight_bit_width}A{q.act_bit_width} input {q.input_bit_width}-bit, {q.weight_granularity}",
         "pfq_rule": s.profile.pfq.rule,
         "filters_removed": s.report.stages["prune"]["filters_removed"],
@@ -569,6 +570,27 @@ def effective_profile(cfg: CompileConfig):
     return with_overrides(load_profile(cfg.target), cfg.overrides)
 
 
+def effective_profiles(cfg: CompileConfig, targets: list[str]) -> list:
+    """The profile of each target with ``cfg.overrides`` applied. With several targets, runtime options (e.g.
+    --tune-trials) apply to the CPU/GPU ones and are ignored for FPGA ones. Raises ProfileError (also for a target
+    named twice)."""
+    import dataclasses
+
+    from pfq_edge.errors import ProfileError
+    from pfq_edge.targets.profile import load_profile
+
+    profiles = []
+    for t in targets:
+        one = dataclasses.replace(cfg, target=t)
+        if len(targets) > 1 and load_profile(t).runtime is None:
+            one = dataclasses.replace(one, overrides={k: v for k, v in cfg.overrides.items() if k != "runtime"})
+        profiles.append(effective_profile(one))
+    names = [p.name for p in profiles]
+    if len(set(names)) < len(names):
+        raise ProfileError(f"target {next(n for n in names if names.count(n) > 1)!r} is named twice")
+    return profiles
+
+
 def compile_model(cfg: CompileConfig, log=None) -> Report:
     """Run every stage for ``cfg``; the output folder ``cfg.out`` appears only when all of them succeed.
 
@@ -576,27 +598,80 @@ def compile_model(cfg: CompileConfig, log=None) -> Report:
     with one-line messages; nothing is left in ``cfg.out`` on failure.
     Under ``torchrun`` every process fine-tunes its share; only rank 0 exports, estimates and writes ``cfg.out``.
     """
+    return compile_targets(cfg, [cfg.target], log)[0]
+
+
+def _training_key(profile) -> str:
+    """Targets with equal quant, pfq and finetune settings share one fine-tuned model."""
+    return json.dumps({k: getattr(profile, k).model_dump() for k in ("quant", "pfq", "finetune")}, sort_keys=True)
+
+
+def compile_targets(cfg: CompileConfig, targets: list[str], log=None) -> list[Report]:
+    """Compile ``cfg.model`` for every target in ``targets``, fine-tuning once per distinct (quant, pfq,
+    finetune) setting. One target writes its output into ``cfg.out``; several write ``cfg.out``/<profile name>/
+    each plus ``summary.json``, ``summary.md`` and ``accuracy_size.png`` across targets. All of it appears only
+    when every target succeeds (one staged folder). Returns the reports in ``targets`` order; raises PfqError."""
+    import copy
     import tempfile
 
     from pfq_edge import dist
+    from pfq_edge.errors import ProfileError
     from pfq_edge.io import staged_dir
     from pfq_edge.train import set_seed
 
-    profile = effective_profile(cfg)
-    check_target_tools(profile)
+    profiles = effective_profiles(cfg, targets)
+    for profile in profiles:
+        check_target_tools(profile)
+    groups: dict[str, list[int]] = {}
+    for i, profile in enumerate(profiles):
+        groups.setdefault(_training_key(profile), []).append(i)
+    if cfg.checkpoint is not None and len(groups) > 1:
+        raise ProfileError(f"--checkpoint holds one fine-tuning run; these targets need {len(groups)} (different "
+                           f"quant/pfq/finetune settings): compile them separately")
     rank, _ = dist.init_from_env()
-    set_seed(profile.finetune.seed)
-    if rank != 0:
-        with tempfile.TemporaryDirectory(prefix="pfq-edge-rank") as tmp:
-            state = State(cfg=cfg, profile=profile, report=Report(cfg.model, profile.name), work=Path(tmp))
-            report = run_stages(state, ACCURACY_STAGES).report
-        dist.barrier()  # rank 0 passes it once its output is in place
-        return report
+    single = len(profiles) == 1
+    reports: list[Report | None] = [None] * len(profiles)
     try:
-        with staged_dir(Path(cfg.out), force=cfg.force) as work:
-            state = State(cfg=cfg, profile=profile, report=Report(cfg.model, profile.name, profile.kind), work=work)
-            report = run_stages(state, stages_for(profile), log).report
-            write_run_facts(work / "run.json", report)
+        with (staged_dir(Path(cfg.out), force=cfg.force) if rank == 0 else
+              tempfile.TemporaryDirectory(prefix="pfq-edge-rank")) as work:
+            work = Path(work)
+            for members in groups.values():
+                first = profiles[members[0]]
+                set_seed(first.finetune.seed)
+                base = State(cfg=cfg, profile=first, report=Report(cfg.model, first.name, first.kind), work=work)
+                base = run_stages(base, ACCURACY_STAGES, log)
+                if rank != 0:
+                    continue
+                for i in members:
+                    profile = profiles[i]
+                    folder = work if single else work / profile.name
+                    folder.mkdir(exist_ok=True)
+                    report = copy.deepcopy(base.report)
+                    report.target, report.kind = profile.name, profile.kind
+                    state = State(cfg=cfg, profile=profile, report=report, work=folder, data=base.data,
+                                  float_model=base.float_model, pruned_model=base.pruned_model,
+                                  qmodel=copy.deepcopy(base.qmodel) if len(members) > 1 else base.qmodel,
+                                  final=Path(cfg.out) if single else Path(cfg.out) / profile.name)
+                    reports[i] = run_stages(state, stages_for(profile)[len(ACCURACY_STAGES):], log).report
+                    write_run_facts(folder / "run.json", reports[i])
+            if rank == 0 and not single:
+                write_summary(work, reports)
     finally:
-        dist.barrier()
-    return report
+        dist.barrier()  # the other ranks pass it once rank 0's output is in place
+    return reports if rank == 0 else [base.report]
+
+
+def write_summary(folder: Path, reports: list[Report]) -> dict:
+    """summary.json, summary.md and accuracy_size.png of a multi-target compile (one row per target)."""
+    from pfq_edge.plots import plot_accuracy_vs_size
+    from pfq_edge.report import summary_table
+
+    rows = [{"target": r.target, "kind": r.kind, "folder": r.target, "archive": f"{r.target}/"
+             f"{r.stages['package']['archive']}", **r.summary} for r in reports]
+    doc = {"model": reports[0].model, "targets": rows}
+    (folder / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (folder / "summary.md").write_text(summary_table(doc))
+    plot_accuracy_vs_size([{"label": r["target"], "top1": r.get("finetuned_top1") or r.get("quantized_top1"),
+                            "weight_bits": r.get("weight_bits")} for r in rows],
+                          f"{doc['model']}: top-1 vs logical weight size per target", folder / "accuracy_size.png")
+    return doc

@@ -101,3 +101,29 @@ def test_targets_lists_cpu_and_gpu_profiles():
     assert rows["cpu-x86"]["kind"] == "cpu" and "cpu" in rows["cpu-x86"]["aliases"]
     assert rows["cpu-aarch64"]["mtriple"] == "aarch64-linux-gnu"
     assert rows["gpu-cuda"]["arch"] == "sm_87"
+
+
+def test_run_py_in_the_cpu_package_gives_the_accuracy_the_manifest_states(cpu_compiled, tmp_path, test_split):
+    import tarfile
+
+    import numpy as np
+
+    out, _ = cpu_compiled
+    pkg = tmp_path / "device"
+    pkg.mkdir()
+    with tarfile.open(next(out.glob("pfq-edge-*.tar.gz"))) as tar:
+        tar.extractall(pkg, filter="data")
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert manifest["runtime"]["library"] == "model.host.so" and manifest["kind"] == "cpu"
+    assert manifest["latency"]["engines"]["tvm"]["median_ms"] > 0
+    images = (test_split.images[:, 0].numpy() * 255).round().astype(np.uint8)  # pixels as a device has them
+    np.savez(tmp_path / "test.npz", images=images, labels=test_split.labels.numpy())
+    done = subprocess.run([sys.executable, "run.py", str(tmp_path / "test.npz"), "--json"], cwd=pkg,
+                          capture_output=True, text=True, env=ENV, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["engine"] == "tvm" and result["images"] == 10_000
+    assert result["top1"] == manifest["accuracy"]["deployed"]  # the same library on the same images
+    assert abs(result["top1"] - manifest["accuracy"]["quantized_ptq"]) < 0.01  # and it is the quantized model
+    proc = run("verify", str(next(out.glob("pfq-edge-*.tar.gz"))))
+    assert proc.returncode == 0 and "OK" in proc.stdout

@@ -89,6 +89,7 @@ def stage_load(s: State) -> State:
         keep = len(train) - n_val
         s.data["train"], s.data["val"] = Split(train.images[:keep], train.labels[:keep]), \
             Split(train.images[keep:], train.labels[keep:])
+    _check_layers(s.float_model, s.cfg.model)
     _check_io(s.float_model, s.cfg.model, s.data["test"].images[:2], num_classes=10)
     s.report.add("load", {"model": s.cfg.model, "weights": str(weights) if weights else None,
                           "parameters": sum(p.numel() for p in s.float_model.parameters()),
@@ -121,6 +122,26 @@ def _check_io(model, name: str, x, num_classes: int) -> None:
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ModelError(f"model {name!r} returns {shape} for input {tuple(x.shape)}; expected ({len(x)}, "
                          f"{num_classes}) logits")
+
+
+SUPPORTED_WEIGHT_LAYERS = ("Conv2d", "Linear", "BatchNorm2d")
+
+
+def _check_layers(model, name: str) -> None:
+    """Every layer with weights must be one pfq-edge prunes and quantizes (Conv2d, Linear, BatchNorm2d, or a
+    Brevitas layer); raises ModelError naming the first other one, before any work."""
+    import torch
+
+    from pfq_edge.errors import ModelError
+
+    for layer, mod in model.named_modules():
+        if type(mod).__module__.startswith("brevitas") or isinstance(
+                mod, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d)):
+            continue
+        if any(True for _ in mod.parameters(recurse=False)):
+            raise ModelError(f"model {name!r}: layer {layer!r} ({type(mod).__name__}) is not supported; pfq-edge "
+                             f"prunes and quantizes CNNs built from {', '.join(SUPPORTED_WEIGHT_LAYERS)} (plus "
+                             f"activations, pooling, flatten, add)")
 
 
 def _unquantized_input_layer(model) -> str | None:

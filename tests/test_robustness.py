@@ -1,0 +1,137 @@
+"""Bad input and hostile conditions, as a user meets them (issue 6 item 6): models that cannot be traced or use
+layers pfq-edge does not handle, truncated weights, a compile killed with SIGKILL, a golden check that fails, and
+several targets in one compile."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_cli import ENV, one_line_error, run
+
+MODELS = '''
+import torch
+from torch import nn
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        if y.sum() > 0:  # data-dependent control flow
+            y = y * 2
+        return self.fc(y.amax(dim=(2, 3)))
+
+
+class WithGru(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.rnn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.GRU(8, 10, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(torch.relu(self.bn(self.conv(x))).flatten(2).transpose(1, 2))[0][:, -1]
+
+
+def data_dependent():
+    return DataDependent().eval()
+
+
+def with_gru():
+    return WithGru().eval()
+
+
+def tiny_variance():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveMaxPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 10)).eval()
+    with torch.no_grad():
+        model[1].running_var.fill_(1.0)
+        model[1].running_var[0] = 1e-7  # below eps = 1e-5, yet the channel varies with the input
+        model[1].weight.fill_(1.0)
+    return model
+'''
+
+
+@pytest.mark.parametrize("factory, words", [("data_dependent", "cannot trace"),
+                                            ("with_gru", "layer 'rnn' (GRU) is not supported")])
+def test_untraceable_model_or_unsupported_layer_is_one_line(tmp_path, factory, words):
+    (tmp_path / "models6.py").write_text(MODELS)
+    proc = subprocess.run([sys.executable, "-m", "pfq_edge", "compile", "--target", "fpga", "--epochs", "0",
+                           "--model", f"models6:{factory}", "--out", str(tmp_path / "o")], capture_output=True,
+                          text=True, timeout=600, env={**ENV, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 4 and one_line_error(proc) and words in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_weights_are_refused(tmp_path):
+    from pfq_edge.zoo import WEIGHTS_DIR
+
+    data = (WEIGHTS_DIR / "fashion-dscnn.safetensors").read_bytes()
+    w = tmp_path / "cut.safetensors"
+    w.write_bytes(data[:len(data) // 2])
+    proc = run("compile", "--target", "fpga", "--weights", str(w), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 4 and one_line_error(proc) and "cut.safetensors" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_compile_killed_with_sigkill_leaves_no_package_and_the_rerun_succeeds(tmp_path):
+    out = tmp_path / "o"
+    args = [sys.executable, "-m", "pfq_edge", "compile", "--target", "fpga", "--epochs", "0", "--out", str(out)]
+    proc = subprocess.Popen(args, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob(".o.*.partial")) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(5)  # well into the stages
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not out.exists() and not list(tmp_path.glob("**/*.tar.gz"))  # nothing half-written where users look
+    again = run("compile", "--target", "fpga", "--epochs", "0", "--out", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert run("verify", str(next(out.glob("*.tar.gz")))).returncode == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]  # the killed run's staging folder is gone
+
+
+def test_a_failing_golden_check_stops_the_compile_loudly(tmp_path):
+    # a channel with running_var below BN's epsilon that still carries signal: the bn-epsilon rule replaces it by
+    # its mean, the data guard (pruned vs original on the calibration images) must fail the compile
+    (tmp_path / "models6.py").write_text(MODELS)
+    proc = subprocess.run([sys.executable, "-m", "pfq_edge", "compile", "--target", "fpga", "--epochs", "0",
+                           "--pfq-rule", "bn-epsilon", "--model", "models6:tiny_variance", "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=600,
+                          env={**ENV, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 6 and one_line_error(proc) and "golden check" in proc.stderr, proc.stderr
+    assert "data guard" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_several_targets_share_one_fine_tuning_per_setting(tmp_path):
+    out = tmp_path / "multi"
+    proc = run("compile", "--target", "fpga,cpu-aarch64,gpu-cuda", "--epochs", "1", "--train-samples", "256",
+               "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert [t["target"] for t in result["targets"]] == ["fpga-pynq-z1", "cpu-aarch64", "gpu-cuda"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["targets"]) == 3 and (out / "summary.md").is_file() and (out / "accuracy_size.png").is_file()
+    runs = {t: json.loads((out / t / "run.json").read_text())["timings_s"] for t in ("cpu-aarch64", "gpu-cuda")}
+    reports = {t: json.loads((out / t / "report.json").read_text()) for t in ("fpga-pynq-z1", "cpu-aarch64",
+                                                                              "gpu-cuda")}
+    # cpu-aarch64 and gpu-cuda are both W8A8: one fine-tuning run (same timing, same loss); the W4A4 FPGA has its own
+    assert runs["cpu-aarch64"]["finetune"] == runs["gpu-cuda"]["finetune"]
+    loss = {t: r["stages"]["finetune"]["loss"] for t, r in reports.items()}
+    assert loss["cpu-aarch64"] == loss["gpu-cuda"] != loss["fpga-pynq-z1"]
+    for t in reports:
+        assert run("verify", str(next((out / t).glob("*.tar.gz")))).returncode == 0
+    text = (out / "summary.md").read_text()
+    assert "FINN estimate" in text and "not measured (cross-compiled)" in text
+
+
+def test_a_target_named_twice_is_refused(tmp_path):
+    proc = run("compile", "--target", "fpga,fpga-pynq-z1", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 5 and one_line_error(proc) and "named twice" in proc.stderr

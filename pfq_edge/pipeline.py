@@ -352,6 +352,9 @@ def stage_build(s: State) -> State:
     if db.is_dir() and not any(db.iterdir()):
         db.rmdir()
     data = build.as_dict()
+    s.report.timings_s["tvm_build"] = data.pop("seconds")  # wall times go to run.json, not the report
+    if data.get("tuning"):
+        s.report.timings_s["tvm_tuning"] = data["tuning"].pop("seconds")
     if build.runs_here:  # the deployed artefact on every test image, loaded from disk by a fresh process
         test = s.data["test"]
         n = len(test) // spec.batch_size * spec.batch_size

@@ -188,12 +188,12 @@ def _runtime_section(export: dict, build: dict, measured: dict) -> list[str]:
     out = ["## CPU/GPU build (QCDQ → TVM)", "",
            f"- QCDQ ONNX `{export.get('file')}` ({export.get('bytes', 0):,} bytes, batch {export.get('batch_size')}).",
            f"- TVM target `{json.dumps(target)}`; library `{build['library']}` ({build['elf'].get('class')} "
-           f"{build['elf'].get('type')}, {build['elf'].get('machine')}), built in {build['seconds']} s."]
+           f"{build['elf'].get('type')}, {build['elf'].get('machine')}) (build and tuning times: run.json)."]
     tuning = build.get("tuning") or {}
     if tuning:
         out.append(f"- MetaSchedule: {tuning['trials_run']} trials run over {tuning['tasks']} tasks "
-                   f"({tuning['reused_trials']} reused from a previous run), {tuning['records']} records in `tvm_tuning/`, "
-                   f"{tuning['seconds']} s.")
+                   f"({tuning['reused_trials']} reused from a previous run), {tuning['records']} records in `tvm_tuning/` "
+                   f"(kept in the output folder, not the package).")
     else:
         out.append("- Schedules: TVM defaults (untuned; `--tune-trials N` tunes with MetaSchedule).")
     golden = build.get("golden")

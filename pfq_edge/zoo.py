@@ -256,14 +256,23 @@ def _resolve(spec: str) -> ZooEntry:
 def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None) -> LoadedModel:
     """Build model ``spec`` and load ``weights`` (default: the zoo's shipped ones); eval mode.
 
-    spec: a zoo name (``zoo_names()``), ``package.module:factory``, or a ``.safetensors`` file written by
-    ``pfq-edge prune``. Raises ModelError if the name is unknown, the factory fails, or the weights are unreadable
+    spec: a zoo name (``zoo_names()``), ``package.module:factory``, a ``.safetensors`` file written by
+    ``pfq-edge prune``, or a ``torch.export`` archive (``.pt2``, loaded without unpickling; pfq_edge/exported.py). Raises ModelError if the name is unknown, the factory fails, or the weights are unreadable
     or do not match.
     """
     if str(spec).endswith(".safetensors"):
         if not Path(spec).is_file():
             raise ModelError(f"model file not found: {spec}")
         return load_pruned(Path(spec))
+    if str(spec).endswith(".pt2"):
+        from pfq_edge.exported import load_exported
+
+        if not Path(spec).is_file():
+            raise ModelError(f"model file not found: {spec}")
+        if weights is not None:
+            raise ModelError(f"{spec} is a torch.export archive and carries its weights; drop --weights")
+        module, shape = load_exported(Path(spec))
+        return LoadedModel(str(spec), module, shape, Path(spec), {"format": "torch.export"})
     entry = _resolve(spec)
     weights = weights if weights is not None else entry.weights
     if weights is not None and Path(weights).suffix == ".safetensors" and Path(weights).is_file() \

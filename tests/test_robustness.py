@@ -135,3 +135,65 @@ def test_several_targets_share_one_fine_tuning_per_setting(tmp_path):
 def test_a_target_named_twice_is_refused(tmp_path):
     proc = run("compile", "--target", "fpga,fpga-pynq-z1", "--out", str(tmp_path / "o"))
     assert proc.returncode == 5 and one_line_error(proc) and "named twice" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def exported_wide(tmp_path_factory):
+    """The wide zoo model (6 constant filters) as a torch.export archive."""
+    import torch
+
+    from pfq_edge.zoo import load_model
+
+    path = tmp_path_factory.mktemp("pt2") / "wide.pt2"
+    model = load_model("fashion-dscnn-wide").module
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 1, 28, 28),)), str(path))
+    return path
+
+
+def test_torch_export_archive_is_a_model_input(exported_wide, images):
+    import torch
+
+    from pfq_edge.analysis import analyze_pfq
+    from pfq_edge.zoo import load_model
+
+    loaded, zoo = load_model(str(exported_wide)), load_model("fashion-dscnn-wide")
+    assert loaded.input_shape == (1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded.module(images), zoo.module(images))
+    removed = [analyze_pfq(m.module, images[:1])[1].plan.filters_removed for m in (loaded, zoo)]
+    assert removed[0] == removed[1] == 12  # PfQ finds the same constant filters in the rebuilt modules
+    proc = run("analyze", str(exported_wide), "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["filters_removed"] == 12
+
+
+def test_torch_export_archive_with_code_in_a_pickle_is_refused(tmp_path):
+    import zipfile
+
+    import torch
+    from torch.export.pt2_archive import _package
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    saved = _package._should_use_pickle
+    _package._should_use_pickle = lambda t: True  # weights stored as pickles, which torch.export.load unpickles
+    try:
+        good = tmp_path / "good.pt2"
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+        model(torch.zeros(1, 1, 28, 28))
+        torch.export.save(torch.export.export(model.eval(), (torch.zeros(1, 1, 28, 28),)), str(good))
+    finally:
+        _package._should_use_pickle = saved
+    import pickle
+
+    bad = tmp_path / "bad.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, pickle.dumps(Evil()) if item.filename.endswith("weights/weight_0") else data)
+    proc = run("analyze", str(bad))
+    assert proc.returncode == 4 and one_line_error(proc) and "bad.pt2" in proc.stderr, proc.stderr
+    assert not marker.exists()

@@ -249,8 +249,9 @@ def verify_package(path: Path) -> dict:
                 checked += 1
                 if h.hexdigest() != entry["sha256"] or size != entry["bytes"]:
                     problems.append(f"file {name!r} does not match its sha256 in manifest.json (modified)")
-            if "SHA256SUMS" in members and tar.extractfile(members["SHA256SUMS"]).read().decode(
-                    errors="replace") != sha256sums(manifest):
+            if "SHA256SUMS" not in members:
+                problems.append("SHA256SUMS is missing")
+            elif tar.extractfile(members["SHA256SUMS"]).read().decode(errors="replace") != sha256sums(manifest):
                 problems.append("SHA256SUMS does not match manifest.json")
     return {"package": str(path), "ok": not problems, "files_checked": checked, "problems": problems}
 

@@ -373,7 +373,8 @@ def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-read
         else:
             cpu = r["mcpu"] + (f", {r['mtriple']}" if r["mtriple"] else "")
             device = f"TVM cuda {r['arch']} (host {cpu})" if r["tvm_target"] == "cuda" else f"TVM llvm {cpu}"
-            goal = f"batch {r['batch_size']}, {r['threads'] or 'all'} threads"
+            goal = f"batch {r['batch_size']}" + ("" if r["tvm_target"] == "cuda" else
+                                                  f", {r['threads'] or 'all'} threads")
         table.add_row(name, r["kind"], f"{r['bits']}, {r['granularity']}", device, goal,
                       f"{r['latency_budget_ms']} ms")
     _console().print(table)
@@ -395,11 +396,9 @@ def verify_cmd(
     elif result["ok"]:
         typer.echo(f"{package}: OK ({result['files_checked']} files match manifest.json)")
     if not result["ok"]:
-        if not as_json:
-            for problem in result["problems"][1:]:
-                typer.echo(f"pfq-edge: error: {package}: {problem}", err=True)
-        raise PackageError(f"{package}: {result['problems'][0]}" + (
-            f" (and {len(result['problems']) - 1} more)" if len(result["problems"]) > 1 else ""))
+        for problem in result["problems"]:  # every problem, one line each
+            typer.echo(f"pfq-edge: error: {package}: {problem}", err=True)
+        raise typer.Exit(PackageError.exit_code)
 
 
 @app.command("report")

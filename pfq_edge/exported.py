@@ -44,8 +44,14 @@ def load_exported(path: Path):
     Raises ModelError if the file is not a readable archive, would unpickle objects, has not exactly one 4-D image
     input, or uses a layer call this rebuild does not know with weights attached.
     """
+    import logging
+    import zipfile
+
     import torch
 
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"{path} is not a torch.export archive (not a zip file)")
+    logging.disable(logging.CRITICAL)  # torch logs a traceback before re-raising deserialization errors
     try:
         with _no_pickled_code():
             program = torch.export.load(str(path))
@@ -54,6 +60,8 @@ def load_exported(path: Path):
     except Exception as exc:  # zip, JSON and version errors of several types
         text = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise ModelError(f"cannot read torch.export archive {path}: {text}") from None
+    finally:
+        logging.disable(logging.NOTSET)
     inputs = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     shapes = [n.meta.get("val").shape for n in program.graph.nodes if n.op == "placeholder"
               and n.name in {getattr(s.arg, "name", None) for s in inputs}]
@@ -133,6 +141,8 @@ def rebuild(gm, name: str):
             env[node.name] = layer(node, nn.MaxPool2d(*a[1:]), env[a[0].name])
         elif t is aten.avg_pool2d.default:
             env[node.name] = layer(node, nn.AvgPool2d(*a[1:]), env[a[0].name])
+        elif t is aten.flatten.using_ints:
+            env[node.name] = layer(node, nn.Flatten(*a[1:]), env[a[0].name])
         elif t is aten.adaptive_avg_pool2d.default:
             env[node.name] = layer(node, nn.AdaptiveAvgPool2d(a[1]), env[a[0].name])
         elif node.op == "call_function":

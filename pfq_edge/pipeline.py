@@ -596,8 +596,8 @@ def effective_profile(cfg: CompileConfig):
 
 def effective_profiles(cfg: CompileConfig, targets: list[str]) -> list:
     """The profile of each target with ``cfg.overrides`` applied. With several targets, runtime options (e.g.
-    --tune-trials) apply to the CPU/GPU ones and are ignored for FPGA ones. Raises ProfileError (also for a target
-    named twice)."""
+    --tune-trials) apply to the targets measured on this machine and are ignored for FPGA and cross-compiled ones.
+    Raises ProfileError (also for a target named twice)."""
     import dataclasses
 
     from pfq_edge.errors import ProfileError
@@ -606,7 +606,8 @@ def effective_profiles(cfg: CompileConfig, targets: list[str]) -> list:
     profiles = []
     for t in targets:
         one = dataclasses.replace(cfg, target=t)
-        if len(targets) > 1 and load_profile(t).runtime is None:
+        runtime = load_profile(t).runtime
+        if len(targets) > 1 and (runtime is None or not runtime.runs_here):
             one = dataclasses.replace(one, overrides={k: v for k, v in cfg.overrides.items() if k != "runtime"})
         profiles.append(effective_profile(one))
     names = [p.name for p in profiles]

@@ -42,6 +42,11 @@ class Report:
         return render_markdown(json.loads(self.to_json()))
 
 
+ACCURACY_LABELS = {"float": "float model (as given)", "pfq_float": "after PfQ (float)",
+                   "quantized_ptq": "quantized, before fine-tuning (PTQ)", "finetuned": "after QAT fine-tuning",
+                   "deployed": "deployed TVM library (fresh process, all test images)"}
+
+
 def _jsonable(obj):
     if hasattr(obj, "as_dict"):
         return obj.as_dict()
@@ -76,7 +81,7 @@ def render_markdown(doc: dict) -> str:
     acc = st.get("accuracy", {})
     if acc:
         out += ["## Accuracy (top-1, Fashion-MNIST test set)", "",
-                _table(["stage", "top-1"], [[k, _pct(v)] for k, v in acc.items()]), ""]
+                _table(["stage", "top-1"], [[ACCURACY_LABELS.get(k, k), _pct(v)] for k, v in acc.items()]), ""]
     golden = [g for g in (prune.get("golden"), prune.get("guard"), st.get("export", {}).get("golden"),
                           st.get("build", {}).get("golden")) if g]
     if golden:
@@ -301,51 +306,41 @@ def summary_rows(s: dict) -> list[list]:
 
 def rerender(folder) -> dict:
     """Rewrite ``folder``/report.md and ``folder``/plots/*.png from ``folder``/report.json; returns the document.
-    Raises OutputError if the folder has no readable report.json of this schema version."""
+    Everything is rendered first and swapped in at the end, so a failure changes nothing. Raises PfqError (exit 2)
+    if the folder has no readable report.json of this schema version, OutputError if it cannot be written."""
+    import shutil
+    import tempfile
     from pathlib import Path
 
-    from pfq_edge.errors import OutputError
+    from pfq_edge.errors import OutputError, PfqError
     from pfq_edge.io import atomic_write_text
 
-    path = Path(folder) / "report.json"
+    folder = Path(folder)
+    path = folder / "report.json"
     if not path.is_file():
-        raise OutputError(f"{folder} has no report.json (is it an output folder of `pfq-edge compile`?)")
+        raise PfqError(f"{folder} has no report.json (is it an output folder of `pfq-edge compile`?)")
     try:
         doc = json.loads(path.read_text())
-        if doc.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"schema_version {doc.get('schema_version')!r}, this pfq-edge reads {SCHEMA_VERSION}")
-        doc["plots"] = render_plots(doc, Path(folder) / "plots")
-        atomic_write_text(Path(folder) / "report.md", render_markdown(doc))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise OutputError(f"{path} cannot be rendered: {type(exc).__name__}: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
+            found = doc.get("schema_version") if isinstance(doc, dict) else type(doc).__name__
+            raise ValueError(f"schema_version {found!r}; this pfq-edge reads version {SCHEMA_VERSION}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PfqError(f"{path} is not a report.json of this version: {exc}") from None
+    try:
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".plots."))
     except OSError as exc:
         raise OutputError(f"cannot write into {folder}: {exc.strerror}") from None
+    try:
+        doc["plots"] = render_plots(doc, staging)
+        text = render_markdown(doc)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise PfqError(f"{path} does not hold what a report needs ({type(exc).__name__}: {exc})") from None
+    try:
+        shutil.rmtree(folder / "plots", ignore_errors=True)
+        staging.rename(folder / "plots")
+        atomic_write_text(folder / "report.md", text)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputError(f"cannot write into {folder}: {exc.strerror}") from None
     return doc
-
-
-def summary_rows_multi(doc: dict) -> tuple[list[str], list[list]]:
-    """Header and rows of the multi-target summary: one row per target (summary.md and the terminal table)."""
-    head = ["target", "kind", "bits", "PfQ filters removed", "fine-tuned top-1", "deployed top-1", "weight size",
-            "latency", "budget", "fit", "package"]
-    rows = []
-    for r in doc["targets"]:
-        if "latency_us" in r:
-            latency = f"{r['latency_us'] / 1000:.3f} ms (FINN estimate)"
-        elif r.get("latency_ms") is not None:
-            latency = f"{r['latency_ms']:.3f} ms (TVM, measured)"
-        else:
-            latency = "not measured (cross-compiled)"
-        rows.append([r["target"], r["kind"], r.get("bits", "—").split(",")[0], r.get("filters_removed", "—"),
-                     _pct(r.get("finetuned_top1") if r.get("finetuned_top1") is not None else r.get("quantized_top1")),
-                     _pct(r.get("deployed_top1")), f"{r['weight_bits'] / 8 / 1024:.1f} KiB",
-                     latency, r.get("latency_verdict", "—"), r.get("fit", "—"), r["archive"]])
-    return head, rows
-
-
-def summary_table(doc: dict) -> str:
-    """summary.md of a multi-target compile."""
-    head, rows = summary_rows_multi(doc)
-    return "\n".join([f"# pfq-edge compile: `{doc['model']}` for {len(rows)} targets", "",
-                      "Targets with the same bit widths and fine-tuning settings share one fine-tuned model; each "
-                      "folder holds that target's report.md.", "", _table(head, rows), "",
-                      "![top-1 vs logical weight size per target](accuracy_size.png)", ""])

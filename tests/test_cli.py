@@ -52,7 +52,9 @@ def test_manifest_hashes_match_the_files(compiled):
     with tarfile.open(archive) as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     manifest = json.loads(members.pop("manifest.json"))
+    sums = members.pop("SHA256SUMS").decode()
     assert set(manifest["files"]) == set(members)
+    assert sums == "".join(f"{e['sha256']}  {n}\n" for n, e in sorted(manifest["files"].items()))
     for name, data in members.items():
         assert hashlib.sha256(data).hexdigest() == manifest["files"][name]["sha256"], name
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == manifest["files"][name]["sha256"], name

@@ -135,11 +135,15 @@ def test_unlisted_missing_and_schema_problems(fpga_twice, tmp_path):
             add(tar, name, json.dumps(doc).encode())
             return True
     schema = rewrite(src, tmp_path / "schema.tar.gz", old_schema)
+    nosums = rewrite(src, tmp_path / "nosums.tar.gz", lambda tar, n, d: n == "SHA256SUMS")
     for path, words in ((extra, "'payload.bin' is in the package but not in manifest.json"),
                         (gone, "'run.py' is listed in manifest.json but missing"),
-                        (schema, "latency: Field required")):
+                        (schema, "latency: Field required"), (nosums, "SHA256SUMS is missing")):
         proc = run("verify", str(path))
         assert proc.returncode == 10 and words in proc.stderr, proc.stderr
+    both = rewrite(gone, tmp_path / "both.tar.gz", lambda tar, n, d: n == "README.md" and add(tar, "payload.bin"))
+    lines = run("verify", str(both)).stderr.strip().splitlines()
+    assert len(lines) == 2 and len(set(lines)) == 2  # each problem once, one line each
 
 
 @pytest.mark.parametrize("content", [b"", b"not a tar at all", "truncated"])
@@ -162,9 +166,14 @@ def test_run_py_classifies_with_the_qonnx_reference(fpga_twice, tmp_path, test_s
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert result["engine"] == "qonnx" and len(result["predictions"]) == 32 and result["top1"] > 0.4
-    bad = subprocess.run([sys.executable, "run.py", str(tmp_path / "missing.npz")], cwd=pkg, capture_output=True,
-                         text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.startswith("run.py: error:") and "Traceback" not in bad.stderr
+    np.save(tmp_path / "nan.npy", np.full((2, 28, 28), np.nan, np.float32))
+    (tmp_path / "text.npz").write_text("not an array")
+    for args, words in (([str(tmp_path / "missing.npz")], "no such file"), ([str(tmp_path / "nan.npy")], "NaN"),
+                        ([str(tmp_path / "text.npz")], "not a .npy/.npz"),
+                        ([str(tmp_path / "x.npz"), "--engine", "onnxruntime"], "available: qonnx")):
+        bad = subprocess.run([sys.executable, "run.py", *args], cwd=pkg, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.startswith("run.py: error:") and words in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_report_rerenders_markdown_and_plots(fpga_twice, tmp_path):
@@ -183,7 +192,16 @@ def test_report_rerenders_markdown_and_plots(fpga_twice, tmp_path):
     for needle in ("Filters removed:", "## Accuracy", "logical weight size", "FPGA estimate", "![FINN per-layer"):
         assert needle in text, needle
     missing = run("report", str(tmp_path / "nothing"))
-    assert missing.returncode == 8 and one_line_error(missing)
+    assert missing.returncode == 2 and one_line_error(missing)
+    doc = json.loads((out / "report.json").read_text())
+    del doc["summary"]
+    (out / "report.json").write_text(json.dumps(doc))
+    rendered = (out / "report.md").read_bytes()
+    broken = run("report", str(out))
+    assert broken.returncode == 2 and one_line_error(broken) and "report.json" in broken.stderr
+    assert (out / "report.md").read_bytes() == rendered  # a failed re-render changes nothing
+    assert {p.name: p.read_bytes() for p in (out / "plots").iterdir()} == before
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
 def test_cross_compiled_package_is_byte_identical_too(tmp_path):

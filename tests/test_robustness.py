@@ -162,6 +162,16 @@ def test_torch_export_archive_is_a_model_input(exported_wide, images):
         assert torch.equal(loaded.module(images), zoo.module(images))
     removed = [analyze_pfq(m.module, images[:1])[1].plan.filters_removed for m in (loaded, zoo)]
     assert removed[0] == removed[1] == 12  # PfQ finds the same constant filters in the rebuilt modules
+    from pfq_edge.quantize import calibrate, quantize_model
+    from pfq_edge.targets.profile import QuantSpec
+
+    quantized = []
+    for m in (loaded, zoo):  # and Brevitas quantizes the rebuilt model exactly like the original
+        q = quantize_model(m.module, QuantSpec())
+        calibrate(q, images)
+        with torch.no_grad():
+            quantized.append(q(images))
+    assert torch.equal(quantized[0], quantized[1])
     proc = run("analyze", str(exported_wide), "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["filters_removed"] == 12
 
@@ -197,3 +207,8 @@ def test_torch_export_archive_with_code_in_a_pickle_is_refused(tmp_path):
     proc = run("analyze", str(bad))
     assert proc.returncode == 4 and one_line_error(proc) and "bad.pt2" in proc.stderr, proc.stderr
     assert not marker.exists()
+    (tmp_path / "truncated.pt2").write_bytes(good.read_bytes()[:3000])
+    (tmp_path / "garbage.pt2").write_text("not an archive")
+    for name in ("truncated.pt2", "garbage.pt2"):
+        proc = run("analyze", str(tmp_path / name))
+        assert proc.returncode == 4 and one_line_error(proc) and name in proc.stderr, proc.stderr

@@ -344,3 +344,33 @@ def rerender(folder) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         raise OutputError(f"cannot write into {folder}: {exc.strerror}") from None
     return doc
+
+
+def summary_rows_multi(doc: dict) -> tuple[list[str], list[list]]:
+    """Header and rows of the multi-target summary: one row per target (summary.md and the terminal table)."""
+    head = ["target", "kind", "bits", "PfQ filters removed", "quantized top-1", "deployed top-1", "weight size",
+            "latency", "budget", "fit", "package"]
+    rows = []
+    for r in doc["targets"]:
+        if "latency_us" in r:
+            latency = f"{r['latency_us'] / 1000:.3f} ms (FINN estimate)"
+        elif r.get("latency_ms") is not None:
+            latency = f"{r['latency_ms']:.3f} ms (TVM, measured)"
+        else:
+            latency = "not measured (cross-compiled)"
+        rows.append([r["target"], r["kind"], r.get("bits", "—").split(",")[0], r.get("filters_removed", "—"),
+                     _pct(r.get("finetuned_top1") if r.get("finetuned_top1") is not None else r.get("quantized_top1")),
+                     _pct(r.get("deployed_top1")), f"{r['weight_bits'] / 8 / 1024:.1f} KiB",
+                     latency, r.get("latency_verdict", "—"), r.get("fit", "—"), r["archive"]])
+    return head, rows
+
+
+def summary_table(doc: dict) -> str:
+    """summary.md of a multi-target compile."""
+    head, rows = summary_rows_multi(doc)
+    return "\n".join([f"# pfq-edge compile: `{doc['model']}` for {len(rows)} targets", "",
+                      "Targets with the same bit widths and fine-tuning settings share one fine-tuned model; each "
+                      "folder holds that target's report.md. Quantized top-1: after fine-tuning, or before it (PTQ) "
+                      "with --epochs 0; deployed top-1: the TVM library in a fresh process (targets run here).", "",
+                      _table(head, rows), "",
+                      "![top-1 vs logical weight size per target](accuracy_size.png)", ""])

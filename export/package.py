@@ -68,12 +68,18 @@ class Manifest(BaseModel):
     files: dict[str, FileEntry]
 
 
+def _sha256_stream(f) -> tuple[str, int]:
+    """(sha256 hex, byte count) of a binary file object, read in 1 MiB blocks."""
+    h, size = hashlib.sha256(), 0
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+        size += len(block)
+    return h.hexdigest(), size
+
+
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return _sha256_stream(f)[0]
 
 
 def state_dict_sha256(module) -> str:
@@ -145,6 +151,8 @@ def write_archive(path: Path, files: dict[str, Path], manifest: dict) -> Path:
 
 def device_readme(info: dict, archive: str) -> str:
     """README.md of the package: what is in it, how to check it and run it on the device, what was verified."""
+    from pfq_edge.report import _pct
+
     acc, lat, rt = info["accuracy"], info["latency"], info["runtime"]
     kind = info["kind"]
     lines = [f"# {info['model']['name']} for {info['target']} ({info['bits']})", "",
@@ -179,10 +187,6 @@ def device_readme(info: dict, archive: str) -> str:
     lines += ["", "manifest.json lists the versions, the profile, every golden check and the sha256 of every file; "
               "report.md explains each number.", ""]
     return "\n".join(lines)
-
-
-def _pct(x) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -241,13 +245,10 @@ def verify_package(path: Path) -> dict:
                 if name not in members:
                     problems.append(f"file {name!r} is listed in manifest.json but missing")
                     continue
-                h, size = hashlib.sha256(), 0
                 with tar.extractfile(members[name]) as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-                        size += len(block)
+                    digest, size = _sha256_stream(f)
                 checked += 1
-                if h.hexdigest() != entry["sha256"] or size != entry["bytes"]:
+                if digest != entry["sha256"] or size != entry["bytes"]:
                     problems.append(f"file {name!r} does not match its sha256 in manifest.json (modified)")
             if "SHA256SUMS" not in members:
                 problems.append("SHA256SUMS is missing")

@@ -452,6 +452,7 @@ def stage_package(s: State) -> State:
 def _manifest_info(s: State) -> dict:
     """The manifest fields that describe this compile (export/package.py, ``Manifest``)."""
     from pfq_edge.export.package import FASHION_MNIST_CLASSES, state_dict_sha256
+    from pfq_edge.export.qcdq import ORT_LEVELS
 
     st, summary = s.report.stages, s.report.summary
     prune = st["prune"]
@@ -470,10 +471,9 @@ def _manifest_info(s: State) -> dict:
         latency = {"source": "measured on the build machine" if engines else "not measured",
                    "engines": engines, "batch_size": measured.get("batch_size"), "threads": measured.get("threads"),
                    "budget_ms": s.profile.budget.latency_ms, "verdict": measured["verdict"]["verdict"]}
-        level = {"all": "ORT_ENABLE_ALL", "basic": "ORT_ENABLE_BASIC", "off": "ORT_DISABLE_ALL"}
         runtime = {"engine": "tvm", "onnx": "model.qcdq.onnx", "library": build["library"],
                    "device": "cuda" if s.profile.runtime.tvm_target == "cuda" else "cpu",
-                   "onnxruntime_level": level[st["export"]["onnxruntime_level"]],
+                   "onnxruntime_level": ORT_LEVELS[st["export"]["onnxruntime_level"]],
                    "batch_size": s.profile.runtime.batch_size}
     runtime["input_shape"] = list(s.data["test"].images.shape[1:])
     size = {"weight_bits": summary["weight_bits"], "bias_params": summary["bias_params"],

@@ -14,8 +14,8 @@ Each configuration goes through the compile's own pieces: PfQ (exact rule) → B
 256 training images (no fine-tuning: latency does not depend on it) → QCDQ export at a static batch → TVM build
 (``export/tvm.py``); "float" is the pruned float model exported with torch.onnx. Every engine is timed in its own
 process by ``pfq_edge.latency`` (warm-up dropped, ≥ 1 s of calls, median). onnxruntime runs at the highest graph-
-optimization level whose outputs pass the TVM build's golden criteria against the graph as written (see README,
-"CPU/GPU targets"); the level is a column. Machine must be otherwise idle: the script does nothing in parallel.
+optimization level that computes the model (≥ 99% top-1 agreement with the graph as written, the compile's own
+criterion; see README, "CPU/GPU targets"); the level is a column. Machine must be otherwise idle: the script does nothing in parallel.
 """
 
 from __future__ import annotations
@@ -66,15 +66,13 @@ def _onnx(pruned, precision: str, batch: int, images, folder: Path) -> Path:
 
 
 def _ort_level(path: Path, images) -> str:
-    """onnxruntime's highest optimization level that computes the graph as written (TVM's golden criteria)."""
+    """onnxruntime's highest optimization level that computes the model (the compile's own criterion)."""
     from pfq_edge.export.qcdq import run_onnxruntime
-    from pfq_edge.golden import golden_check
-    from pfq_edge.pipeline import EXPORT_ATOL, EXPORT_MAX_FLIPPED
+    from pfq_edge.pipeline import onnxruntime_level_check
 
     reference = run_onnxruntime(path, images, level="off")
     for level in ("all", "basic"):
-        if golden_check(level, reference, run_onnxruntime(path, images, level=level), atol=EXPORT_ATOL,
-                        min_agreement=1.0, max_mismatch_fraction=EXPORT_MAX_FLIPPED, raise_on_fail=False).passed:
+        if onnxruntime_level_check(level, reference, run_onnxruntime(path, images, level=level))["passed"]:
             return level
     return "off"
 
@@ -131,7 +129,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
              + ("" if meta.get("complete", True) else " — **partial: the run is still going or was stopped**") + ".  ",
              "Median ms per call (each engine in its own process, warm-up dropped, ≥ 1 s of calls); ratio < 1 means "
              "TVM is faster. `ort level`: onnxruntime's highest graph-optimization level that still computes the "
-             "model (its default `all` fuses QCDQ into integer kernels that do not, on these models).", "",
+             "model (≥ 99% top-1 agreement with the graph as written; at `all` it runs QCDQ as integer kernels).", "",
              "| model | precision | batch | ort level | onnxruntime ms | TVM untuned ms | TVM tuned ms | "
              "untuned / ort | tuned / ort | torch eager ms | tuning s |", "|" + "---|" * 11]
     for r in rows:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pfq_edge.errors import ModelError, ToolchainError
+from pfq_edge.io import atomic_write_bytes
 
 QCDQ_MAX_BITS = 8
 
@@ -101,11 +102,30 @@ def export_qcdq(qmodel: torch.nn.Module, example: torch.Tensor, path: Path) -> P
     path = Path(path)
     export_with_fallback(export_onnx_qcdq, "QCDQ", qmodel, example, path)
     model = onnx.load(str(path))
+    if _constant_initializers(model):
+        atomic_write_bytes(path, model.SerializeToString())
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise ToolchainError(f"the QCDQ export {path.name} is not valid ONNX: {str(exc).splitlines()[0]}") from None
     return path
+
+
+def _constant_initializers(model) -> bool:
+    """Drop initializers from the graph inputs; True if any were listed there.
+
+    Brevitas' TorchScript export lists the float biases as graph inputs too, i.e. as values a caller may override.
+    onnxruntime then quantizes them at run time for its fused QLinearConv, and 1.25.1 drops that bias from a fused
+    1×1 conv (on the default CNN: top-1 agreement 16.8% with the graph as written). As constants they are
+    quantized once when the session is built, and every fusion matches (README, "CPU/GPU targets").
+    """
+    names = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in names]
+    if len(inputs) == len(model.graph.input):
+        return False
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    return True
 
 
 ORT_LEVELS = {"off": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",

@@ -301,9 +301,9 @@ def _golden_images(s: State):
 
 def stage_export_qcdq(s: State) -> State:
     """Standard ONNX Q/DQ (QCDQ) export at the profile's batch size; golden check of the graph's own semantics
-    (onnxruntime, optimizations off) against Brevitas; then onnxruntime at its default level ("all") and at "basic"
-    against that graph: the first that passes the TVM build's criteria is the one timed (its fused integer kernels
-    can compute another function; measured, not assumed)."""
+    (onnxruntime, optimizations off) against Brevitas; then onnxruntime at its default level ("all", integer
+    kernels) and at "basic" against that graph: the first that computes the model (onnxruntime_level_check) is the
+    one timed — measured, not assumed."""
     from pfq_edge.export.qcdq import export_qcdq, run_onnxruntime
     from pfq_edge.golden import golden_check
     from pfq_edge.train import predict
@@ -317,7 +317,7 @@ def stage_export_qcdq(s: State) -> State:
     levels = {}
     for level in ("all", "basic"):  # what a deployment runs, and the last level before QDQ fusion
         candidate = run_onnxruntime(path, images.numpy(), level=level)
-        levels[level] = _ort_check(level, s.data["qcdq_outputs"], candidate)
+        levels[level] = onnxruntime_level_check(level, s.data["qcdq_outputs"], candidate)
     s.artefacts["model.qcdq.onnx"] = path
     s.report.add("export", {"format": "QCDQ", "file": path.name, "bytes": path.stat().st_size,
                             "batch_size": s.profile.runtime.batch_size, "golden": golden.as_dict(),
@@ -326,12 +326,19 @@ def stage_export_qcdq(s: State) -> State:
     return s
 
 
-def _ort_check(level: str, reference, candidate) -> dict:
-    """The TVM build's golden criteria applied to onnxruntime at an optimization level (recorded, never raised)."""
+def onnxruntime_level_check(level: str, reference, candidate) -> dict:
+    """onnxruntime at an optimization ``level`` vs the QCDQ graph as written (level off), logits (N, classes) on the
+    same images; recorded, never raised. Returns GoldenResult.as_dict(); "passed" means the level computes the model.
+
+    From level extended on, onnxruntime fuses Q/DQ into integer kernels that requantize exact int32 sums, where the
+    graph as written rounds float32 sums: activations on a rounding boundary land one step apart, so most images
+    move a little (counted, not bounded). What a level must not do is change the classification: ≥ 99% top-1
+    agreement (EXPORT_MIN_AGREEMENT), which caught onnxruntime 1.25.1 dropping run-time biases (16.8%).
+    """
     from pfq_edge.golden import golden_check
 
     return golden_check(f"onnxruntime, optimization level {level}, vs the QCDQ graph", reference, candidate,
-                        atol=EXPORT_ATOL, min_agreement=TVM_MIN_AGREEMENT, max_mismatch_fraction=EXPORT_MAX_FLIPPED,
+                        atol=EXPORT_ATOL, min_agreement=EXPORT_MIN_AGREEMENT, max_mismatch_fraction=1.0,
                         raise_on_fail=False).as_dict()
 
 

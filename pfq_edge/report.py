@@ -214,10 +214,11 @@ def _runtime_section(export: dict, build: dict, measured: dict) -> list[str]:
                    "figure is claimed.")
     levels = export.get("onnxruntime_levels") or {}
     if levels:
-        out += ["", "onnxruntime against the QCDQ graph as written (optimizations off) on the same images — its "
-                "optimizers fuse Q/DQ into integer kernels that need not compute the same function:", "",
+        out += ["", "onnxruntime against the QCDQ graph as written (optimizations off) on the same images — from "
+                "level extended on it fuses Q/DQ into integer kernels, which round differently (images move by a step) "
+                "and must not change the classification:", "",
                 _table(["optimization level", "top-1 agreement", "max |Δlogit|", "images off by > 1e-3",
-                        "same function? (TVM's criteria: 100% top-1, ≤ 25% images off)"],
+                        "computes the model? (≥ 99% top-1 agreement)"],
                        [[k, _pct(v["argmax_agreement"]), f"{v['max_abs_diff']:.3g}",
                          f"{v['mismatched_images']}/{v['images']}", "yes" if v["passed"] else "no"]
                         for k, v in levels.items()]), ""]

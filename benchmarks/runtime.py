@@ -10,7 +10,7 @@ takes about two hours of an otherwise idle machine — anything else on the core
 spoils both the tuning and the timings. Rows are written to the results files as they finish. Narrow it with:
     .venv/bin/python benchmarks/runtime.py --models fashion-dscnn --batches 1 --precisions W4A4 --tune-trials 64
 
-Each configuration goes through the compile's own pieces: PfQ (exact rule) → Brevitas quantization calibrated on
+Each configuration goes through the compile's own pieces: PfQ (exact rule) → Brevitas quantization (int32 biases, as the cpu-x86 profile) calibrated on
 256 training images (no fine-tuning: latency does not depend on it) → QCDQ export at a static batch → TVM build
 (``export/tvm.py``); "float" is the pruned float model exported with torch.onnx. Every engine is timed in its own
 process by ``pfq_edge.latency`` (warm-up dropped, ≥ 1 s of calls, median). onnxruntime runs at the highest graph-
@@ -60,7 +60,7 @@ def _onnx(pruned, precision: str, batch: int, images, folder: Path) -> Path:
             torch.onnx.export(pruned, (x,), str(path), input_names=["input"], output_names=["logits"], dynamo=False)
         return path
     bits = PRECISIONS[precision]
-    qmodel = quantize_model(pruned, QuantSpec(weight_bit_width=bits, act_bit_width=bits))
+    qmodel = quantize_model(pruned, QuantSpec(weight_bit_width=bits, act_bit_width=bits, bias="int32"))  # as cpu-x86
     calibrate(qmodel, images[:CALIBRATION])
     return export_qcdq(qmodel, x, path)
 

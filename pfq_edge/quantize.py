@@ -1,8 +1,9 @@
 """Fold BatchNorm and insert Brevitas quantizers (graph mode), then calibrate activation ranges.
 
 The workflow of design.md §5: PfQ-pruned float model → fold BN → low-bit quantizers → calibrate → QAT → export.
-Bit widths and granularity come from the target profile (``QuantSpec``). Biases stay float: FINN absorbs them into
-its thresholds, and its QONNX import rejects Brevitas' per-tensor Int32 bias Quant nodes on convolutions.
+Bit widths and granularity come from the target profile (``QuantSpec``). Biases stay float for FPGA targets (FINN
+absorbs them into its thresholds, and its QONNX import rejects Brevitas' Int32 bias Quant nodes on convolutions);
+CPU/GPU targets quantize them to int32 at input scale × weight scale, the grid integer runtimes add them on.
 """
 
 from __future__ import annotations
@@ -50,14 +51,14 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
     """Return a Brevitas model of ``model`` (float, eval) with BN folded and ``spec``'s bit widths.
 
     spec: QuantSpec (weight/act/input bit widths 2–8, first/last layer weight bit widths, "per-tensor" |
-    "per-channel" weight scales, BN "fold" | "keep", cross-layer equalization on/off).
+    "per-channel" weight scales, BN "fold" | "keep", cross-layer equalization on/off, bias "float" | "int32").
     The result takes (N, C, H, W) float32 in [0, 1] and returns float logits. Raises ModelError if the model cannot
     be traced or holds a BatchNorm shared by two convs (it cannot be folded into both).
     """
     import brevitas.nn as qnn
     from brevitas.graph.quantize import (COMPUTE_LAYER_MAP, QUANT_ACT_MAP, QUANT_IDENTITY_MAP,
                                          preprocess_for_quantize, quantize)
-    from brevitas.quant import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat
+    from brevitas.quant import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat, Int32Bias
 
     from pfq_edge.graph import call_counts
 
@@ -76,7 +77,7 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
             continue
         cls, kwargs = entry
         compute_map[layer] = (cls, {**kwargs, "weight_quant": weight_quant, "weight_bit_width": spec.weight_bit_width,
-                                    "bias_quant": None, **_LEARNED_SCALE})
+                                    "bias_quant": Int32Bias if spec.bias == "int32" else None, **_LEARNED_SCALE})
     act_map = {k: (cls, {**kw, "bit_width": spec.act_bit_width}) for k, (cls, kw) in QUANT_ACT_MAP.items()}
     identity_map = {k: (cls, {**kw, "bit_width": spec.act_bit_width}) for k, (cls, kw) in QUANT_IDENTITY_MAP.items()}
 

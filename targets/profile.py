@@ -28,7 +28,10 @@ class QuantSpec(_Strict):
     conv and the last compute layer (the classifier). ``bn``: "fold" BN into the conv before fine-tuning (the
     paper's order, default) or "keep" it float during fine-tuning (quantized weights are then the unfolded ones).
     ``equalize``: Brevitas cross-layer equalization before quantization; ``bias_correction``: Brevitas bias
-    correction after calibration.
+    correction after calibration. ``bias``: "float" keeps biases float (FINN absorbs them into its thresholds) or
+    "int32" quantizes them on the accumulator grid, input scale × weight scale (Brevitas ``Int32Bias``), as integer
+    runtimes compute them: onnxruntime's QDQ fusions round a float bias to that grid themselves, which moved up to
+    20% of top-1 decisions at W4A4 (README, "CPU/GPU targets"). The CPU/GPU profiles set "int32".
     """
 
     weight_bit_width: int = Field(4, ge=2, le=8)
@@ -40,6 +43,7 @@ class QuantSpec(_Strict):
     bn: Literal["fold", "keep"] = "fold"
     equalize: bool = False
     bias_correction: bool = False
+    bias: Literal["float", "int32"] = "float"
 
     def label(self) -> str:
         """Short name, e.g. ``W4A4`` or ``W4A4 per-channel``."""
@@ -167,6 +171,9 @@ class Profile(_Strict):
         if self.kind != "fpga" and (self.runtime is None or self.fpga is not None or self.export_format != "qcdq"):
             raise ValueError(f"a {self.kind} profile has a [runtime] section, no [fpga] section and export_format "
                              f"\"qcdq\"")
+        if self.kind == "fpga" and self.quant.bias != "float":
+            raise ValueError("an fpga profile keeps quant.bias \"float\" (FINN absorbs biases into its thresholds; "
+                             "its QONNX import rejects int32 bias quantizers)")
         if self.runtime is not None and (self.kind == "gpu") != (self.runtime.tvm_target == "cuda"):
             raise ValueError(f"a {self.kind} profile cannot use runtime.tvm_target {self.runtime.tvm_target!r}")
         return self
@@ -177,7 +184,7 @@ class Profile(_Strict):
             "name": self.name, "kind": self.kind, "aliases": self.aliases, "description": self.description,
             "bits": f"W{self.quant.weight_bit_width}A{self.quant.act_bit_width} (input {self.quant.input_bit_width})",
             "pfq_rule": self.pfq.rule,
-            "granularity": self.quant.weight_granularity, "export": self.export_format,
+            "granularity": self.quant.weight_granularity, "bias": self.quant.bias, "export": self.export_format,
             "latency_budget_ms": self.budget.latency_ms,
         }
         if self.fpga is not None:

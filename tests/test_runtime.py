@@ -63,6 +63,30 @@ def test_qcdq_biases_are_constants_so_onnxruntime_fusions_compute_the_graph(qcdq
     assert result.argmax_agreement == 1.0
 
 
+def test_int32_biases_make_onnxruntime_optimizations_exact(images, tmp_path):
+    """With float biases onnxruntime (level basic on) rounds them to the int32 grid input scale × weight scale itself
+    and so computes another model; quantized on that grid in Brevitas (the CPU profiles' bias = "int32") they are
+    exported as int32 DequantizeLinear and every level computes the graph as written."""
+    diffs = {}
+    for bias in ("float", "int32"):
+        qm = quantize_model(randomize_bn(tiny_dscnn()), QuantSpec(weight_bit_width=4, act_bit_width=4, bias=bias))
+        calibrate(qm, images)
+        path = export_qcdq(qm, images[:1], tmp_path / f"{bias}.onnx")
+        model = onnx.load(str(path))
+        init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        int32_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in init
+                    and init[n.input[0]].dtype == np.int32]
+        biased = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) == 3]
+        assert biased and len(int32_dq) == (len(biased) if bias == "int32" else 0)
+        written = run_onnxruntime(path, images.numpy(), level="off")
+        golden_check("qcdq", predict(qm, images).numpy(), written, atol=EXPORT_ATOL,
+                     max_mismatch_fraction=EXPORT_MAX_FLIPPED)
+        diffs[bias] = [float(np.abs(run_onnxruntime(path, images.numpy(), level=lv) - written).max())
+                       for lv in ("basic", "all")]
+    assert max(diffs["int32"]) < 1e-5, diffs
+    assert min(diffs["float"]) > 1e-3, diffs  # the failure mode the int32 grid removes
+
+
 def test_golden_check_fails_on_a_tampered_qcdq_model(qcdq, images, tmp_path):
     _, qm, path = qcdq
     model = onnx.load(str(path))
@@ -239,6 +263,10 @@ def test_cpu_profiles_and_their_options():
         with_overrides(load_profile("cpu-aarch64"), {"runtime": {"tune_trials": 8}})
     with pytest.raises(ProfileError, match="cannot use runtime.tvm_target 'cuda'"):
         with_overrides(cpu, {"runtime": {"tvm_target": "cuda", "arch": "sm_87"}})
+    assert [load_profile(n).quant.bias for n in ("cpu-x86", "cpu-aarch64", "gpu-cuda", "fpga")] == [
+        "int32", "int32", "int32", "float"]
+    with pytest.raises(ProfileError, match="keeps quant.bias"):
+        with_overrides(load_profile("fpga"), {"quant": {"bias": "int32"}})
 
 
 def test_bad_runtime_keys_name_key_and_file(tmp_path):

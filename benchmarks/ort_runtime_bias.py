@@ -72,8 +72,9 @@ def main() -> int:
              "output quantization steps (0 = identical; 1 = a rounding flip).", "",
              "| bias listed as graph input | bias fed | max \\|all − off\\| (steps) |", "|---|---|---|"]
     lines += [f"| {'yes' if a else 'no (constant)'} | {f:g} × stored | {d:.0f} |" for a, f, d in rows]
-    lines += ["", "The error scales with the bias and is gone when the bias is zero: the fused kernel ignores a bias that "
-              "is not a constant. pfq-edge's QCDQ export keeps initializers out of the graph inputs for this reason."]
+    lines += ["", "With the bias fed at run time the error scales with it and falls to a rounding flip when it is zero: "
+              "the fused kernel ignores a bias that is not a constant. pfq-edge's QCDQ export keeps initializers out "
+              "of the graph inputs for this reason."]
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
     from pfq_edge.io import atomic_write_text

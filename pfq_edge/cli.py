@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from pfq_edge import interrupt
 from pfq_edge.errors import PfqError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -416,10 +416,6 @@ def report_cmd(
         typer.echo(f"wrote {out / 'report.md'} and {len(doc['plots'])} plots in {out / 'plots'}")
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main() -> None:
     """Console entry point: runs the app, turning PfqError into one line on stderr and its exit code."""
     import warnings
@@ -428,7 +424,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="fast_hadamard_transform")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", module=r"(brevitas|torch|qonnx|finn|onnx|onnxscript)\b")
-    signal.signal(signal.SIGTERM, _terminate)  # clean up staged output as on Ctrl-C
+    interrupt.install()  # Ctrl-C and SIGTERM clean up staged output, even inside tools that swallow them
     try:
         rc = app(standalone_mode=False)  # non-standalone: Ctrl-C and typer.Exit come back as an exit code
     except PfqError as exc:

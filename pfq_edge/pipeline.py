@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pfq_edge import interrupt
+from pfq_edge.errors import PfqError
 from pfq_edge.report import Report
 
 CALIBRATION_IMAGES = 1024
@@ -576,7 +578,12 @@ def run_stages(state: State, stages, log=None) -> State:
         if log is not None:
             log(f"stage {name} …")
         t0 = time.perf_counter()
-        state = stage(state)
+        try:
+            state = stage(state)
+        except PfqError:
+            interrupt.check()  # a tool that caught Ctrl-C reports a failure: it is the interruption
+            raise
+        interrupt.check()  # ... or carries on as if nothing happened
         state.report.timings_s[name] = round(time.perf_counter() - t0, 2)
     return state
 

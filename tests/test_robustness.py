@@ -212,3 +212,35 @@ def test_torch_export_archive_with_code_in_a_pickle_is_refused(tmp_path):
     for name in ("truncated.pt2", "garbage.pt2"):
         proc = run("analyze", str(tmp_path / name))
         assert proc.returncode == 4 and one_line_error(proc) and name in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("then", ["carries on", "reports a failure"])
+def test_ctrl_c_swallowed_by_a_tool_still_interrupts_the_compile(then, monkeypatch):
+    # FINN's build_dataflow turns KeyboardInterrupt into a failed build; a torch.onnx export error makes us retry
+    # with the other exporter. Seen: SIGINT 18 s into an FPGA compile exited 7, and once a compile finished (exit 0).
+    from pfq_edge import interrupt
+    from pfq_edge.errors import ToolchainError
+    from pfq_edge.pipeline import run_stages
+
+    monkeypatch.setattr(interrupt, "_received", None)
+    ran = []
+
+    def stage_tool(state):
+        try:
+            interrupt._handler(signal.SIGINT, None)  # what Ctrl-C does inside the tool
+        except KeyboardInterrupt:
+            pass
+        if then == "reports a failure":
+            raise ToolchainError("FINN estimate build failed: no error message in the log")
+        return state
+
+    def stage_next(state):
+        ran.append("next")
+        return state
+
+    class State:
+        report = type("R", (), {"timings_s": {}})()
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(State(), [stage_tool, stage_next])
+    assert ran == []

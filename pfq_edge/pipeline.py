@@ -522,7 +522,7 @@ def _summarise(s: State) -> None:
         "float_top1": acc.get("float"), "pfq_top1": acc.get("pfq_float"), "quantized_top1": acc.get("quantized_ptq"),
         "finetuned_top1": acc.get("finetuned"), "deployed_top1": acc.get("deployed"),
         "bits": f"W{q.weight_bit_width}A{q.act_bit_width} input {q.input_bit_width}-bit, {q.weight_granularity}"
-                + (", int32 bias" if q.bias == "int32" else ""),
+                + ("" if s.profile.kind == "fpga" else f", {q.bias} bias"),
         "pfq_rule": s.profile.pfq.rule,
         "filters_removed": s.report.stages["prune"]["filters_removed"],
         "weight_bits": s.report.stages["quantize"]["weight_bits"],

@@ -274,6 +274,8 @@ def summary_rows(s: dict) -> list[list]:
         ["after PfQ (float) top-1", _pct(s.get("pfq_top1"))],
         ["quantized (before fine-tuning) top-1", _pct(s.get("quantized_top1"))],
         ["fine-tuned top-1", _pct(s.get("finetuned_top1"))],
+        *([["deployed top-1 (TVM library, all test images)", _pct(s["deployed_top1"])]]
+          if s.get("deployed_top1") is not None else []),
         ["bits (weights/activations/input)", s.get("bits", "—")],
         ["PfQ rule / filters removed", f"{s.get('pfq_rule', 'exact')} / {s.get('filters_removed', '—')}"],
         ["logical weight size", f"{s['weight_bits']:,} bits ({s['weight_bits'] / 8 / 1024:.1f} KiB)"

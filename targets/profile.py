@@ -172,8 +172,8 @@ class Profile(_Strict):
             raise ValueError(f"a {self.kind} profile has a [runtime] section, no [fpga] section and export_format "
                              f"\"qcdq\"")
         if self.kind == "fpga" and self.quant.bias != "float":
-            raise ValueError("an fpga profile keeps quant.bias \"float\" (FINN absorbs biases into its thresholds; "
-                             "its QONNX import rejects int32 bias quantizers)")
+            raise ValueError("quant.bias must stay \"float\" in an fpga profile (FINN absorbs biases into its "
+                             "thresholds; its QONNX import rejects int32 bias quantizers)")
         if self.runtime is not None and (self.kind == "gpu") != (self.runtime.tvm_target == "cuda"):
             raise ValueError(f"a {self.kind} profile cannot use runtime.tvm_target {self.runtime.tvm_target!r}")
         return self
@@ -198,7 +198,8 @@ class Profile(_Strict):
 
 
 def _errors(exc: ValidationError) -> str:
-    return "; ".join(f"key {'.'.join(str(p) for p in e['loc']) or '(profile)'!r}: {e['msg']}" for e in exc.errors()[:3])
+    return "; ".join(f"key {'.'.join(str(p) for p in e['loc']) or '(profile)'!r}: {e['msg'].removeprefix('Value error, ')}"
+                     for e in exc.errors()[:3])
 
 
 def with_overrides(profile: Profile, overrides: dict[str, dict]) -> Profile:

@@ -265,7 +265,7 @@ def test_cpu_profiles_and_their_options():
         with_overrides(cpu, {"runtime": {"tvm_target": "cuda", "arch": "sm_87"}})
     assert [load_profile(n).quant.bias for n in ("cpu-x86", "cpu-aarch64", "gpu-cuda", "fpga")] == [
         "int32", "int32", "int32", "float"]
-    with pytest.raises(ProfileError, match="keeps quant.bias"):
+    with pytest.raises(ProfileError, match="quant.bias must stay"):
         with_overrides(load_profile("fpga"), {"quant": {"bias": "int32"}})
 
 

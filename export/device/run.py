@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 from pathlib import Path
 
@@ -74,7 +75,12 @@ def engine(manifest: dict, name: str):
         from tvm import relax
 
         device = tvm.cuda(0) if runtime["device"] == "cuda" else tvm.cpu()
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(HERE / runtime["library"])), device)
+        try:
+            library = tvm.runtime.load_module(str(HERE / runtime["library"]))
+        except Exception:  # TVM reports a library for another CPU as "cannot open shared object file"
+            fail(f"cannot load {runtime['library']} on this {platform.machine()} machine: it was built for the "
+                 f"package's target ({manifest.get('target', '?')}); run it there, or use --engine onnxruntime")
+        vm = relax.VirtualMachine(library, device)
         return lambda x: vm["main"](tvm.runtime.tensor(x, device)).numpy()
     if name == "onnxruntime":
         import onnxruntime as ort

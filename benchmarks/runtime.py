@@ -3,19 +3,22 @@ vs onnxruntime (vs torch eager for reference), per model × batch × precision.
 
     .venv/bin/python benchmarks/runtime.py                         # the committed table (results/runtime.md)
     .venv/bin/python benchmarks/runtime.py --quick                 # default CNN, batch 1, W8A8, 8 trials
-Tuning costs ~9 s per trial on 2 cores (each candidate is built and timed in MetaSchedule's worker processes) plus
-~2 min of start-up per configuration, so the default tunes the default CNN at batch 1 (W8A8, W4A4) only; tuning
-every row (``--tune-models fashion-dscnn,efficientnet-lite0 --tune-batches 1,32 --tune-precisions float,W8A8,W4A4``)
-takes about two hours of an otherwise idle machine — anything else on the cores stalls TVM's thread pool and
-spoils both the tuning and the timings. Rows are written to the results files as they finish. Narrow it with:
+Tuning runs one MetaSchedule round per task (fused kernel: 13 in the default CNN, 51 in EfficientNet-Lite0), ~10 s
+each on 2 cores plus ~1 min of start-up per configuration, so the default tunes the default CNN at batch 1 (W8A8,
+W4A4; 32 trials ≈ 2.5 per task) only. EfficientNet-Lite0 at the same effort, every row tuned (~1.5 h):
+    .venv/bin/python benchmarks/runtime.py --models efficientnet-lite0 --tune-models efficientnet-lite0 \
+        --tune-batches 1,32 --tune-precisions float,W8A8,W4A4 --tune-trials-per-task 3 --name runtime_effnet_tuned
+Anything else on the cores stalls TVM's thread pool and spoils both the tuning and the timings. Rows are written to
+the results files as they finish. Narrow it with:
     .venv/bin/python benchmarks/runtime.py --models fashion-dscnn --batches 1 --precisions W4A4 --tune-trials 64
 
-Each configuration goes through the compile's own pieces: PfQ (exact rule) → Brevitas quantization (int32 biases, as the cpu-x86 profile) calibrated on
-256 training images (no fine-tuning: latency does not depend on it) → QCDQ export at a static batch → TVM build
-(``export/tvm.py``); "float" is the pruned float model exported with torch.onnx. Every engine is timed in its own
-process by ``pfq_edge.latency`` (warm-up dropped, ≥ 1 s of calls, median). onnxruntime runs at the highest graph-
-optimization level that computes the model (≥ 99% top-1 agreement with the graph as written, the compile's own
-criterion; see README, "CPU/GPU targets"); the level is a column. Machine must be otherwise idle: the script does nothing in parallel.
+Each configuration goes through the compile's own pieces: PfQ (exact rule) → Brevitas quantization (the cpu-x86
+profile's settings at the row's bit widths) calibrated on 256 test images (no fine-tuning: latency does not depend on
+it) → QCDQ export at a static batch → TVM build (``export/tvm.py``); "float" is the pruned float model exported with
+torch.onnx. Every engine is timed in its own process by ``pfq_edge.latency`` (warm-up dropped, ≥ 1 s of calls,
+median). onnxruntime runs at the highest graph-optimization level that computes the model (≥ 99% top-1 agreement with
+the graph as written on those images, the compile's own criterion; see README, "CPU/GPU targets"); the level is a
+column. The script does nothing in parallel.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def _onnx(pruned, precision: str, batch: int, images, folder: Path) -> Path:
 
     from pfq_edge.export.qcdq import export_qcdq
     from pfq_edge.quantize import calibrate, quantize_model
-    from pfq_edge.targets.profile import QuantSpec
+    from pfq_edge.targets.profile import load_profile
 
     x = images[:batch]
     path = folder / f"{precision}-b{batch}.onnx"
@@ -60,7 +63,8 @@ def _onnx(pruned, precision: str, batch: int, images, folder: Path) -> Path:
             torch.onnx.export(pruned, (x,), str(path), input_names=["input"], output_names=["logits"], dynamo=False)
         return path
     bits = PRECISIONS[precision]
-    qmodel = quantize_model(pruned, QuantSpec(weight_bit_width=bits, act_bit_width=bits, bias="int32"))  # as cpu-x86
+    quant = load_profile("cpu-x86").quant.model_copy(update={"weight_bit_width": bits, "act_bit_width": bits})
+    qmodel = quantize_model(pruned, quant)
     calibrate(qmodel, images[:CALIBRATION])
     return export_qcdq(qmodel, x, path)
 
@@ -68,20 +72,16 @@ def _onnx(pruned, precision: str, batch: int, images, folder: Path) -> Path:
 def _ort_level(path: Path, images) -> str:
     """onnxruntime's highest optimization level that computes the model (the compile's own criterion)."""
     from pfq_edge.export.qcdq import run_onnxruntime
-    from pfq_edge.pipeline import onnxruntime_level_check
+    from pfq_edge.pipeline import onnxruntime_levels
 
-    reference = run_onnxruntime(path, images, level="off")
-    for level in ("all", "basic"):
-        if onnxruntime_level_check(level, reference, run_onnxruntime(path, images, level=level))["passed"]:
-            return level
-    return "off"
+    return onnxruntime_levels(path, images, run_onnxruntime(path, images, level="off"))[1]
 
 
 def run_config(name: str, pruned, precision: str, batch: int, images, threads: int, trials: int,
-               folder: Path, log) -> dict:
+               per_task: int, folder: Path, log) -> dict:
     import torch
 
-    from pfq_edge.export.tvm import build_tvm
+    from pfq_edge.export.tvm import build_tvm, tuning_tasks
     from pfq_edge.latency import measure
     from pfq_edge.targets.profile import RuntimeSpec
 
@@ -97,9 +97,12 @@ def run_config(name: str, pruned, precision: str, batch: int, images, threads: i
     untuned = build_tvm(path, RuntimeSpec(tvm_target="llvm", threads=threads, batch_size=batch), sub / "untuned")
     timings["tvm_untuned"] = measure("tvm", untuned.library, x, threads)
     if trials:
+        if per_task:  # the same search effort per kernel whatever the model's size
+            trials = per_task * tuning_tasks(path, RuntimeSpec(tvm_target="llvm", threads=threads, batch_size=batch))
         tuned = build_tvm(path, RuntimeSpec(tvm_target="llvm", threads=threads, batch_size=batch,
                                             tune_trials=trials), sub / "tuned", tuning_db=sub / "tvm_tuning")
         row["tuning_s"], row["tuning_tasks"] = tuned.tuning["seconds"], tuned.tuning["tasks"]
+        row["tuning_trials"] = trials
         timings["tvm_tuned"] = measure("tvm", tuned.library, x, threads)
     timings["onnxruntime"] = measure("onnxruntime", path, x, threads, ort_level=level)
     if precision == "float":  # torch eager on the very same float model, for reference
@@ -118,25 +121,34 @@ def run_config(name: str, pruned, precision: str, batch: int, images, threads: i
     return row
 
 
+def _tuning(row: dict) -> str:
+    if "tuning_s" not in row:
+        return "—"
+    return f"{row.get('tuning_trials', '?')} / {row['tuning_tasks']}, {row['tuning_s']:.0f} s"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     def f(v, fmt=".3f"):
         return "—" if v is None else format(v, fmt)
 
+    effort = (f"{meta['tune_trials_per_task']} trials per task" if meta.get("tune_trials_per_task")
+              else f"{meta['tune_trials']} trials per tuned configuration")
     lines = ["# CPU latency: TVM vs onnxruntime (issue 5)", "",
              f"Command: `{meta['command']}`  ",
              f"Wall time: {meta['wall_s']:.0f} s on {meta['machine']}; {meta['threads']} threads per engine; "
-             f"MetaSchedule {meta['tune_trials']} trials per tuned configuration ({meta.get('tuned')}; ~9 s per trial here)"
+             f"MetaSchedule {effort} ({meta.get('tuned')})"
              + ("" if meta.get("complete", True) else " — **partial: the run is still going or was stopped**") + ".  ",
              "Median ms per call (each engine in its own process, warm-up dropped, ≥ 1 s of calls); ratio < 1 means "
              "TVM is faster. `ort level`: onnxruntime's highest graph-optimization level that still computes the "
-             "model (≥ 99% top-1 agreement with the graph as written; at `all` it runs QCDQ as integer kernels).", "",
+             "model (≥ 99% top-1 agreement with the graph as written; at `all` it runs QCDQ as integer kernels). "
+             "`tuning`: MetaSchedule trials / tasks, seconds.", "",
              "| model | precision | batch | ort level | onnxruntime ms | TVM untuned ms | TVM tuned ms | "
-             "untuned / ort | tuned / ort | torch eager ms | tuning s |", "|" + "---|" * 11]
+             "untuned / ort | tuned / ort | torch eager ms | tuning |", "|" + "---|" * 11]
     for r in rows:
         lines.append(f"| {r['model']} | {r['precision']} | {r['batch']} | {r['ort_level']} | "
                      f"{f(r['onnxruntime_ms'])} | {f(r['tvm_untuned_ms'])} | {f(r.get('tvm_tuned_ms'))} | "
                      f"{f(r['untuned_over_ort'], '.2f')} | {f(r.get('tuned_over_ort'), '.2f')} | "
-                     f"{f(r.get('torch_ms'))} | {f(r.get('tuning_s'), '.0f')} |")
+                     f"{f(r.get('torch_ms'))} | {_tuning(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -146,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--tune-trials", type=int, default=32, help="MetaSchedule trials per tuned configuration")
+    ap.add_argument("--tune-trials-per-task", type=int, default=0,
+                    help="if > 0: this many trials per tuning task instead of --tune-trials per configuration")
     ap.add_argument("--tune-models", default="fashion-dscnn", help="models that get tuned")
     ap.add_argument("--tune-batches", default="1", help="batch sizes that get tuned")
     ap.add_argument("--tune-precisions", default="W8A8,W4A4", help="precisions that get tuned")
@@ -179,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     def write(done: bool) -> str:
         meta = {"command": command, "wall_s": round(time.time() - t0, 1), "complete": done,
                 "machine": f"{os.cpu_count()} cores, {platform.machine()}", "threads": threads,
-                "tune_trials": args.tune_trials,
+                "tune_trials": args.tune_trials, "tune_trials_per_task": args.tune_trials_per_task,
                 "tuned": f"{args.tune_models} at batch {args.tune_batches}, {args.tune_precisions}"}
         text = markdown(rows, meta)
         atomic_write_text(args.out / f"{args.name}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -194,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                     tuned = (name in args.tune_models.split(",") and str(batch) in args.tune_batches.split(",")
                              and precision in args.tune_precisions.split(","))
                     trials = args.tune_trials if tuned else 0
-                    rows.append(run_config(name, pruned, precision, batch, images, threads, trials, Path(tmp), log))
+                    rows.append(run_config(name, pruned, precision, batch, images, threads, trials,
+                                           args.tune_trials_per_task, Path(tmp), log))
                     write(done=False)  # a long run keeps what it measured if it is stopped
     print(write(done=True))
     return 0

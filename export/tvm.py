@@ -111,6 +111,17 @@ def _n_tasks(mod, target) -> int:
     return max(1, sum(1 for _, f in lowered.functions.items() if not isinstance(f, relax.Function)))
 
 
+def tuning_tasks(onnx_path: Path, spec) -> int:
+    """Number of MetaSchedule tasks (distinct fused kernels) of the model at ``onnx_path`` for RuntimeSpec ``spec``:
+    ``--tune-trials`` below it leaves some kernels with TVM's default schedule."""
+    import onnx
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    return _n_tasks(from_onnx(onnx.load(str(onnx_path)), keep_params_in_input=False),
+                    tvm.target.Target(target_dict(spec)))
+
+
 def _tune(mod, target, trials: int, db: Path, log) -> tuple[object, dict]:
     """MetaSchedule: tune ``trials`` minus those a previous run already spent on ``db`` for this target (recorded
     in ``db``/pfq-edge-tuning.json), then apply the database. Only workloads that match are applied."""
@@ -150,9 +161,20 @@ def _tuned(mod, target, trials: int, per_task: int, db: Path):
             ms.relax_integration.tune_relax(
                 mod, params={}, target=target, work_dir=str(db), max_trials_global=trials,
                 max_trials_per_task=per_task, seed=0,
-                builder=ms.builder.LocalBuilder(timeout_sec=TUNING_WORKER_TIMEOUT_S),
+                builder=ms.builder.LocalBuilder(timeout_sec=TUNING_WORKER_TIMEOUT_S, f_build=_build_candidate),
                 runner=ms.runner.LocalRunner(timeout_sec=TUNING_WORKER_TIMEOUT_S))
         return transform.MetaScheduleApplyDatabase(str(db))(mod)
+
+
+def _build_candidate(mod, target, _params):
+    """Build one MetaSchedule candidate in a builder worker: MetaSchedule's default build without its import of
+    ``tvm.s_tir.tensor_intrin``. That import parses ~250 TVMScript intrinsics for every target (30–100 s here), and
+    LocalBuilder starts fresh workers for every round, one round per task: it was most of the tuning time. A
+    candidate is tensorized when it is scheduled, in the tuning process; building it needs no registered intrinsic."""
+    from tvm.driver import build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 @contextlib.contextmanager

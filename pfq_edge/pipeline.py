@@ -316,16 +316,23 @@ def stage_export_qcdq(s: State) -> State:
     s.data["qcdq_outputs"] = run_onnxruntime(path, images.numpy())
     golden = golden_check("export (QCDQ in onnxruntime vs Brevitas)", reference, s.data["qcdq_outputs"],
                           atol=EXPORT_ATOL, min_agreement=EXPORT_MIN_AGREEMENT, max_mismatch_fraction=EXPORT_MAX_FLIPPED)
-    levels = {}
-    for level in ("all", "basic"):  # what a deployment runs, and the last level before QDQ fusion
-        candidate = run_onnxruntime(path, images.numpy(), level=level)
-        levels[level] = onnxruntime_level_check(level, s.data["qcdq_outputs"], candidate)
+    levels, chosen = onnxruntime_levels(path, images.numpy(), s.data["qcdq_outputs"])
     s.artefacts["model.qcdq.onnx"] = path
     s.report.add("export", {"format": "QCDQ", "file": path.name, "bytes": path.stat().st_size,
                             "batch_size": s.profile.runtime.batch_size, "golden": golden.as_dict(),
-                            "onnxruntime_levels": levels,
-                            "onnxruntime_level": next((k for k, v in levels.items() if v["passed"]), "off")})
+                            "onnxruntime_levels": levels, "onnxruntime_level": chosen})
     return s
+
+
+def onnxruntime_levels(path: Path, images, reference) -> tuple[dict, str]:
+    """onnxruntime at level "all" (what a deployment runs) and "basic" (the last before QDQ fusion) on ``images``
+    (N, C, H, W) float32, each checked against ``reference``, the logits (N, classes) of the graph as written (level
+    off). Returns ({level: onnxruntime_level_check(...)}, the first level that passed, else "off")."""
+    from pfq_edge.export.qcdq import run_onnxruntime
+
+    levels = {level: onnxruntime_level_check(level, reference, run_onnxruntime(path, images, level=level))
+              for level in ("all", "basic")}
+    return levels, next((k for k, v in levels.items() if v["passed"]), "off")
 
 
 def onnxruntime_level_check(level: str, reference, candidate) -> dict:

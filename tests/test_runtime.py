@@ -216,6 +216,9 @@ def test_tuning_database_is_kept_and_reused(images, tmp_path):
     first = build_tvm(path, RuntimeSpec(tvm_target="llvm", tune_trials=2), tmp_path / "a", tuning_db=db)
     assert first.tuning["trials_run"] == 2 and first.tuning["reused_trials"] == 0
     assert (db / "database_workload.json").is_file() and (db / "pfq-edge-tuning.json").is_file()
+    records = [json.loads(line) for line in (db / "database_tuning_record.json").read_text().splitlines()]
+    # every candidate was built by our builder function and timed (a failed build is recorded as 1e10 s)
+    assert records and all(max(r[1][1]) < 1.0 for r in records)
     again = build_tvm(path, RuntimeSpec(tvm_target="llvm", tune_trials=2), tmp_path / "b", tuning_db=db)
     assert again.tuning["trials_run"] == 0 and again.tuning["reused_trials"] == 2
     x = images[:8].numpy()

@@ -5,7 +5,9 @@ vs onnxruntime (vs torch eager for reference), per model × batch × precision.
     .venv/bin/python benchmarks/runtime.py --quick                 # default CNN, batch 1, W8A8, 8 trials
 Tuning runs one MetaSchedule round per task (fused kernel: 13 in the default CNN, 51 in EfficientNet-Lite0), ~10 s
 each on 2 cores plus ~1 min of start-up per configuration, so the default tunes the default CNN at batch 1 (W8A8,
-W4A4; 32 trials ≈ 2.5 per task) only. EfficientNet-Lite0 at the same effort, every row tuned (~1.5 h):
+W4A4; 32 trials ≈ 2.5 per task) only. Every row tuned at 3 trials per task, the README's table (~0.5 h and ~1.4 h):
+    .venv/bin/python benchmarks/runtime.py --models fashion-dscnn --tune-batches 1,32 \
+        --tune-precisions float,W8A8,W4A4 --tune-trials-per-task 3 --name runtime_dscnn_tuned
     .venv/bin/python benchmarks/runtime.py --models efficientnet-lite0 --tune-models efficientnet-lite0 \
         --tune-batches 1,32 --tune-precisions float,W8A8,W4A4 --tune-trials-per-task 3 --name runtime_effnet_tuned
 Anything else on the cores stalls TVM's thread pool and spoils both the tuning and the timings. Rows are written to

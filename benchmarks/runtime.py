@@ -96,13 +96,14 @@ def run_config(name: str, pruned, precision: str, batch: int, images, threads: i
     row = {"model": name, "precision": precision, "batch": batch, "threads": threads, "ort_level": level,
            "onnx_bytes": path.stat().st_size}
     timings = {}
-    untuned = build_tvm(path, RuntimeSpec(tvm_target="llvm", threads=threads, batch_size=batch), sub / "untuned")
+    spec = RuntimeSpec(tvm_target="llvm", threads=threads, batch_size=batch)
+    untuned = build_tvm(path, spec, sub / "untuned")
     timings["tvm_untuned"] = measure("tvm", untuned.library, x, threads)
     if trials:
         if per_task:  # the same search effort per kernel whatever the model's size
-            trials = per_task * tuning_tasks(path, RuntimeSpec(tvm_target="llvm", threads=threads, batch_size=batch))
-        tuned = build_tvm(path, RuntimeSpec(tvm_target="llvm", threads=threads, batch_size=batch,
-                                            tune_trials=trials), sub / "tuned", tuning_db=sub / "tvm_tuning")
+            trials = per_task * tuning_tasks(path, spec)
+        tuned = build_tvm(path, spec.model_copy(update={"tune_trials": trials}), sub / "tuned",
+                          tuning_db=sub / "tvm_tuning")
         row["tuning_s"], row["tuning_tasks"] = tuned.tuning["seconds"], tuned.tuning["tasks"]
         row["tuning_trials"] = trials
         timings["tvm_tuned"] = measure("tvm", tuned.library, x, threads)
@@ -126,7 +127,7 @@ def run_config(name: str, pruned, precision: str, batch: int, images, threads: i
 def _tuning(row: dict) -> str:
     if "tuning_s" not in row:
         return "—"
-    return f"{row.get('tuning_trials', '?')} / {row['tuning_tasks']}, {row['tuning_s']:.0f} s"
+    return f"{row['tuning_trials']} / {row['tuning_tasks']}, {row['tuning_s']:.0f} s"
 
 
 def markdown(rows: list[dict], meta: dict) -> str:

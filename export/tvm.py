@@ -111,15 +111,23 @@ def _n_tasks(mod, target) -> int:
     return max(1, sum(1 for _, f in lowered.functions.items() if not isinstance(f, relax.Function)))
 
 
-def tuning_tasks(onnx_path: Path, spec) -> int:
-    """Number of MetaSchedule tasks (distinct fused kernels) of the model at ``onnx_path`` for RuntimeSpec ``spec``:
-    ``--tune-trials`` below it leaves some kernels with TVM's default schedule."""
+def _import_onnx(onnx_path: Path):
+    """The Relax IRModule of an ONNX file; raises ToolchainError (one line) if TVM cannot import it."""
     import onnx
-    import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
-    return _n_tasks(from_onnx(onnx.load(str(onnx_path)), keep_params_in_input=False),
-                    tvm.target.Target(target_dict(spec)))
+    try:
+        return from_onnx(onnx.load(str(onnx_path)), keep_params_in_input=False)
+    except Exception as exc:
+        raise ToolchainError(f"TVM cannot import {Path(onnx_path).name}: {_line(exc)}") from None
+
+
+def tuning_tasks(onnx_path: Path, spec) -> int:
+    """Number of MetaSchedule tasks (distinct fused kernels) of the model at ``onnx_path`` for RuntimeSpec ``spec``:
+    ``--tune-trials`` below it leaves some kernels with TVM's default schedule. Raises ToolchainError like build_tvm."""
+    import tvm
+
+    return _n_tasks(_import_onnx(onnx_path), tvm.target.Target(target_dict(spec)))
 
 
 def _tune(mod, target, trials: int, db: Path, log) -> tuple[object, dict]:
@@ -146,9 +154,8 @@ def _tune(mod, target, trials: int, db: Path, log) -> tuple[object, dict]:
 
 
 def _tuned(mod, target, trials: int, per_task: int, db: Path):
-    """relax's ``static_shape_tuning`` pipeline, with MetaSchedule's builder/runner given time to start: their worker
-    processes first import TVM's TVMScript tensor intrinsics (1–2 min on 2 busy cores; the default 30 s build
-    timeout then fails every candidate)."""
+    """relax's ``static_shape_tuning`` pipeline; candidates are built by ``_build_candidate``. Builder and runner get
+    TUNING_WORKER_TIMEOUT_S: with the default 30 s, candidates failed on 2 busy cores while workers started."""
     import tvm
     from tvm import relax
     from tvm.relax import transform
@@ -199,18 +206,13 @@ def build_tvm(onnx_path: Path, spec, out_dir: Path, tuning_db: Path | None = Non
     also compiled with nvcc for ``spec.arch`` when a CUDA toolkit is installed (``device_code`` says if it was).
     Raises ToolchainError (one line) when import, build or linking fails.
     """
-    import onnx
     import tvm
-    from tvm.relax.frontend.onnx import from_onnx
 
     t0 = time.perf_counter()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     target_spec = target_dict(spec)
     target = tvm.target.Target(target_spec)
-    try:
-        mod = from_onnx(onnx.load(str(onnx_path)), keep_params_in_input=False)
-    except Exception as exc:
-        raise ToolchainError(f"TVM cannot import {Path(onnx_path).name}: {_line(exc)}") from None
+    mod = _import_onnx(onnx_path)
     tuning = {}
     if spec.runs_here and (spec.tune_trials or (tuning_db is not None and _records(tuning_db))):
         try:

@@ -108,7 +108,7 @@ def _log(rec: dict) -> None:
 def _filters_removed(model: str, rule: str) -> int:
     import torch
 
-    from pfq_edge.analysis import analyze_pfq
+    from pfq_edge.pfq.analyze import analyze_pfq
     from pfq_edge.zoo import load_model
 
     loaded = load_model(model)

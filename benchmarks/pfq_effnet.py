@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pfq_edge.analysis import analyze_pfq
+from pfq_edge.pfq.analyze import analyze_pfq
 from pfq_edge.data import adapt_images, load_split
 from pfq_edge.export.pruned import save_pruned
 from pfq_edge.train import predict

@@ -43,7 +43,7 @@ CALIBRATION = 256
 def _model(name: str):
     import torch
 
-    from pfq_edge.analysis import analyze_pfq
+    from pfq_edge.pfq.analyze import analyze_pfq
     from pfq_edge.zoo import load_model
 
     model = load_model(MODELS[name]).module.eval()

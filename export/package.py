@@ -16,14 +16,12 @@ import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pfq_edge.errors import PackageError
 
 MANIFEST_SCHEMA_VERSION = 2
 RUNNER = Path(__file__).parent / "device" / "run.py"
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                         "Ankle boot"]
 
 
 class FileEntry(BaseModel):
@@ -46,7 +44,7 @@ class RuntimeEntry(BaseModel):
 
 
 class Manifest(BaseModel):
-    """manifest.json, schema version 2 (README, "Deployment package"). Sizes in bytes or bits as named, latency in
+    """manifest.json, schema version 2 (docs/package.md, "Deployment package"). Sizes in bytes or bits as named, latency in
     ms, accuracy as fractions of the Fashion-MNIST test set."""
 
     model_config = ConfigDict(extra="forbid")
@@ -54,7 +52,7 @@ class Manifest(BaseModel):
     tool: str
     model: dict               # name, weights file, source_sha256 (of the float model's state dict)
     target: str
-    kind: Literal["fpga", "cpu", "gpu"]
+    kind: str                 # a kind registered in targets/backends
     profile: dict
     bits: str
     pfq: dict                 # rule, filters_removed, constant filters found, exact
@@ -66,6 +64,15 @@ class Manifest(BaseModel):
     classes: list[str]
     versions: dict[str, str]
     files: dict[str, FileEntry]
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, kind: str) -> str:
+        from pfq_edge.targets.backends import kinds
+
+        if kind not in kinds():
+            raise ValueError(f"unknown kind {kind!r}; known: {', '.join(kinds())}")
+        return kind
 
 
 def _sha256_stream(f) -> tuple[str, int]:
@@ -149,44 +156,40 @@ def write_archive(path: Path, files: dict[str, Path], manifest: dict) -> Path:
     return Path(path)
 
 
-def device_readme(info: dict, archive: str) -> str:
-    """README.md of the package: what is in it, how to check it and run it on the device, what was verified."""
-    from pfq_edge.report import _pct
+def device_readme(info: dict, archive: str, run_it: list[str]) -> str:
+    """README.md of the package: what is in it, how to check it, ``run_it`` (the backend's "Run it" lines: how to
+    run it on the device) and what was verified."""
+    from pfq_edge.report import pct
 
-    acc, lat, rt = info["accuracy"], info["latency"], info["runtime"]
-    kind = info["kind"]
+    acc, rt = info["accuracy"], info["runtime"]
+    quantized = acc["finetuned"] if acc.get("finetuned") is not None else acc.get("quantized_ptq")
+    deployed = (f", this package's {rt.get('library')} {pct(acc.get('deployed'))}"
+                if acc.get("deployed") is not None else "")
     lines = [f"# {info['model']['name']} for {info['target']} ({info['bits']})", "",
              f"Made by pfq-edge: PfQ removed {info['pfq']['filters_removed']} filters (rule {info['pfq']['rule']}), "
              + ("then quantization-aware fine-tuning. " if acc.get("finetuned") is not None else
                 "then quantization (no fine-tuning). ") +
-             f"Fashion-MNIST top-1: float {_pct(acc.get('float'))}, quantized "
-             f"{_pct(acc['finetuned'] if acc.get('finetuned') is not None else acc.get('quantized_ptq'))}" + (f", this package's {rt.get('library')} {_pct(acc.get('deployed'))}"
-                                                 if acc.get("deployed") is not None else "") + ".", "",
+             f"Fashion-MNIST top-1: float {pct(acc.get('float'))}, quantized {pct(quantized)}{deployed}.", "",
              "## Check the files", "", "    sha256sum -c SHA256SUMS        # or, with pfq-edge: pfq-edge verify "
-             f"{archive}", "", "## Run it", ""]
-    if kind == "fpga":
-        lines += ["`run.py` executes `model.qonnx.onnx` with qonnx (`pip install qonnx numpy`) on a CPU — the "
-                  "model FINN verifies its hardware against:", "", "    python run.py images.npz", "",
-                  "To build the bitfile and PYNQ driver where Vivado is installed (FINN, finn-plus):", "",
-                  "    cd finn_build && finn build dataflow_build_config.json model.onnx", "",
-                  f"It uses the folding of `folding_config.json` (the estimate: {lat['latency_ms']:.3f} ms, "
-                  f"{lat['throughput_fps']:.0f} fps on {info['profile']['fpga']['part']} at "
-                  f"{info['profile']['fpga']['clock_mhz']:g} MHz; fit: {lat['fit']}). `finn_reports/` holds FINN's "
-                  "per-layer estimates."]
-    else:
-        device = "the CUDA GPU (tvm.cuda(0))" if rt["device"] == "cuda" else "the CPU"
-        lines += [f"`run.py` loads `{rt['library']}` with the TVM runtime (`pip install apache-tvm numpy`, same "
-                  f"version as in manifest.json) on {device}, batch {rt['batch_size']}:", "",
-                  "    python run.py images.npz                     # arrays 'images' (N, 28, 28) uint8, 'labels'",
-                  "    python run.py images.npz --engine onnxruntime   # the QCDQ model instead", "",
-                  f"Latency: {lat['source']}" + (", median ms per call: " + ", ".join(
-                      f"{k} {v['median_ms']:.3f}" for k, v in lat["engines"].items()) if lat.get("engines") else "")
-                  + f"; budget {lat['budget_ms']} ms: {lat['verdict']}."]
-        if kind == "gpu":
-            lines += ["", "The CUDA module was compiled here but not run: no GPU figure is claimed."]
-    lines += ["", "manifest.json lists the versions, the profile, every golden check and the sha256 of every file; "
-              "report.md explains each number.", ""]
+             f"{archive}", "", "## Run it", "", *run_it,
+             "", "manifest.json lists the versions, the profile, every golden check and the sha256 of every file; "
+             "report.md explains each number.", ""]
     return "\n".join(lines)
+
+
+def write_package(folder: Path, archive: str, files: dict[str, Path], info: dict, run_it) -> Path:
+    """The deployment package ``folder``/``archive`` of ``files`` ({name in the package: path}) plus README.md
+    (``device_readme`` with the backend's ``run_it(info)`` lines), run.py, SHA256SUMS and manifest.json (also
+    written beside it). Raises PackageError if the manifest does not fit its schema."""
+    import shutil
+
+    (folder / "README.md").write_text(device_readme(info, archive, run_it(info)))
+    shutil.copy(RUNNER, folder / "run.py")
+    files = {**files, "README.md": folder / "README.md", "run.py": folder / "run.py"}
+    manifest = build_manifest(files, info)
+    write_archive(folder / archive, files, manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return folder / archive
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -1,4 +1,4 @@
-"""Standard ONNX Q/DQ export (QCDQ) for CPU/GPU runtimes, and its execution with onnxruntime.
+"""Standard ONNX Q/DQ export (QCDQ) for CPU/GPU runtimes (run it with ``pfq_edge.runners.onnx``).
 
 QCDQ is Brevitas' form of the ONNX QDQ standard: every quantized tensor is QuantizeLinear → DequantizeLinear on
 8-bit integers, with a Clip between them holding a < 8-bit range (a 4-bit activation: Q → Clip(0, 15) → DQ).
@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from pfq_edge.errors import ModelError, ToolchainError
+from pfq_edge.errors import ModelError, ToolchainError, first_line
 from pfq_edge.io import atomic_write_bytes
 
 QCDQ_MAX_BITS = 8
@@ -107,7 +106,7 @@ def export_qcdq(qmodel: torch.nn.Module, example: torch.Tensor, path: Path) -> P
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise ToolchainError(f"the QCDQ export {path.name} is not valid ONNX: {str(exc).splitlines()[0]}") from None
+        raise ToolchainError(f"the QCDQ export {path.name} is not valid ONNX: {first_line(exc)}") from None
     return path
 
 
@@ -126,42 +125,3 @@ def _constant_initializers(model) -> bool:
     del model.graph.input[:]
     model.graph.input.extend(inputs)
     return True
-
-
-ORT_LEVELS = {"off": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-              "all": "ORT_ENABLE_ALL"}
-
-
-def ort_session(path: Path, level: str = "all", threads: int = 0):
-    """An onnxruntime CPU session for ``path`` at graph-optimization ``level`` (off | basic | extended | all)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_onnxruntime(path: Path, images: np.ndarray, level: str = "off", threads: int = 0) -> np.ndarray:
-    """Run the ONNX model at ``path`` with onnxruntime (CPU) on ``images`` (N, C, H, W) float32, in chunks of the
-    model's static batch; returns outputs (N, ...).
-
-    ``level`` "off" runs the graph as written: the reference semantics of the QCDQ model. "all" is onnxruntime's
-    default, what a deployment runs; its QDQ fusions (integer kernels) are not bit-exact and, in onnxruntime 1.25
-    on this CPU, not even close on our models (README, "CPU/GPU targets"), so the compile measures them.
-    Raises ToolchainError (one line) if onnxruntime cannot load or run the model.
-    """
-    try:
-        session = ort_session(path, level, threads)
-        meta = session.get_inputs()[0]
-        batch = meta.shape[0] if isinstance(meta.shape[0], int) else len(images)
-        if len(images) % batch:
-            raise ToolchainError(f"{len(images)} images are not a multiple of the model's batch {batch}")
-        return np.concatenate([session.run(None, {meta.name: images[i:i + batch]})[0]
-                               for i in range(0, len(images), batch)])
-    except ToolchainError:
-        raise
-    except Exception as exc:
-        raise ToolchainError(f"onnxruntime cannot run {Path(path).name}: {' '.join(str(exc).split())[:240]}") \
-            from None

@@ -1,13 +1,14 @@
-"""QONNX export of a Brevitas model, qonnx clean-up, and the golden check of QONNX execution against Brevitas."""
+"""QONNX export of a Brevitas model and qonnx clean-up; Brevitas' exporter fallback shared with QCDQ.
+
+The exported model runs with ``pfq_edge.runners.onnx.run_qonnx``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from pfq_edge.errors import ToolchainError
+from pfq_edge.errors import ToolchainError, first_line
 
 
 def export_qonnx(qmodel: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
@@ -40,34 +41,5 @@ def export_with_fallback(exporter, fmt: str, qmodel: torch.nn.Module, example: t
                 exporter(qmodel, input_t=example, export_path=str(path), dynamo=dynamo)
             return
         except Exception as exc:  # brevitas/torch.onnx raise many types; we report and fall back
-            errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {str(exc).strip().splitlines()[0][:160]}")
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {first_line(exc, 160)}")
     raise ToolchainError(f"{fmt} export failed: " + "; ".join(errors))
-
-
-def run_qonnx(path: Path, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Execute the QONNX model at ``path`` with qonnx on ``images`` (N, C, H, W) float32; returns outputs (N, ...).
-
-    Raises ToolchainError (one line: the failing node and qonnx/onnxruntime's reason) if a node cannot execute.
-    """
-    import onnxruntime
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.core.onnx_exec import execute_onnx
-    from qonnx.transformation.change_batchsize import ChangeBatchSize
-    from qonnx.util.cleanup import cleanup_model
-
-    onnxruntime.set_default_logger_severity(4)  # a failing node is reported once, in our error, not in ORT's log
-    base = ModelWrapper(str(path))
-    in_name, out_name = base.graph.input[0].name, base.graph.output[0].name
-    outs, models = [], {}
-    for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
-        if len(chunk) not in models:
-            models[len(chunk)] = cleanup_model(ModelWrapper(str(path)).transform(ChangeBatchSize(len(chunk))))
-        try:
-            outs.append(execute_onnx(models[len(chunk)], {in_name: chunk})[out_name])
-        except Exception as exc:
-            import re
-
-            text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(exc).split()))  # onnxruntime colours its log
-            raise ToolchainError(f"qonnx cannot execute the exported model {path.name}: {text[:240]}") from None
-    return np.concatenate(outs)

@@ -1,7 +1,8 @@
 """Command-line interface: ``pfq-edge compile | analyze | prune | verify | report | targets``.
 
 Heavy libraries (torch, brevitas, FINN) are imported inside the commands so that ``--help`` stays fast.
-Errors the user can fix print one line on stderr and exit with the code of their kind (README, "Exit codes").
+Errors the user can fix print one line on stderr and exit with the code of their kind (docs/cli.md, "Exit codes").
+Help is click's plain layout (``rich_markup_mode=None``): it wraps at any terminal width and never cuts an option.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import typer
 from pfq_edge import interrupt
 from pfq_edge.errors import PfqError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="PfQ pruning, low-bit quantization and compilation of PyTorch CNNs for edge targets.")
 
 
@@ -109,27 +110,25 @@ def compile_cmd(
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Fashion-MNIST IDX folder "
                                                                       "(default /usr/share/datasets/fashion-mnist)."),
+    list_steps: bool = typer.Option(False, "--list-steps", help="Print the target's steps and exit."),
+    to_step: Optional[str] = typer.Option(None, "--to-step", help="Stop after this step; --out keeps what "
+                                                                   "later steps need (steps/)."),
+    from_step: Optional[str] = typer.Option(None, "--from-step", help="Resume from this step with the steps/ "
+                                                                       "of an earlier --out of the same inputs."),
     as_json: bool = typer.Option(False, "--json", help="Print the report summary as JSON on stdout."),
 ) -> None:
     """Prune (PfQ), quantize, fine-tune, export and compile a model for a target; write report and package.
 
     FPGA targets: QONNX + FINN estimate. CPU/GPU targets: QCDQ ONNX + TVM library, golden-checked, with latency
     against onnxruntime and torch. Exit 9: done, but the result misses the profile's budget (fit or latency).
-    Options marked "profile" override the keys of the profile's quant, pfq, finetune and runtime sections (README,
+    Options marked "profile" override the keys of the profile's quant, pfq, finetune and runtime sections (docs/workflow.md,
     "Workflow options"). Runs unchanged under `torchrun --nproc_per_node=N -m pfq_edge compile …` (rank 0 writes)."""
     from pfq_edge import dist
     from pfq_edge.pipeline import CompileConfig, budget_missed, compile_targets, effective_profiles
 
-    if resume and checkpoint is None:
-        raise PfqError("--resume needs --checkpoint FILE")
-    if checkpoint is not None:
-        _checkpoint_dir(checkpoint)
-        if resume and not checkpoint.is_file():
-            _info(f"--resume: no checkpoint at {checkpoint} yet; fine-tuning starts from epoch 1")
-        elif resume:
-            from pfq_edge.train import read_checkpoint
-
-            read_checkpoint(checkpoint)  # a corrupt file fails now, not after minutes of work
+    targets = [t.strip() for t in target.split(",")]
+    if not all(targets):
+        raise PfqError(f"--target {target!r} has an empty name")
     overrides = {
         "quant": {"weight_bit_width": weight_bits, "act_bit_width": act_bits, "weight_granularity": granularity,
                   "first_layer_weight_bit_width": first_layer_bits, "last_layer_weight_bit_width": last_layer_bits,
@@ -139,64 +138,88 @@ def compile_cmd(
                      "seed": seed, "distill_alpha": distill, "validation_images": val_images, "patience": patience},
         "runtime": {"tune_trials": tune_trials},
     }
-    if tuning_db is not None and not (tuning_db / "database_tuning_record.json").is_file():
-        raise PfqError(f"--tuning-db {tuning_db}: no MetaSchedule database there (database_tuning_record.json)")
-    targets = [t.strip() for t in target.split(",")]
-    if not all(targets):
-        raise PfqError(f"--target {target!r} has an empty name")
     cfg = CompileConfig(model=model, target=targets[0], out=out, weights=weights, overrides=overrides,
-                        data_dir=data_dir, force=force, checkpoint=checkpoint, resume=resume, tuning_db=tuning_db)
-    profile = effective_profiles(cfg, targets)[0]  # fail fast on a bad target or option, before heavy imports
-    if tuning_db is not None and (len(targets) > 1 or profile.runtime is None or not profile.runtime.runs_here):
-        raise PfqError("--tuning-db applies to one target measured on this machine (cpu-x86); " + (
-            f"{len(targets)} targets given" if len(targets) > 1 else f"{profile.name!r} is " + (
-                "an FPGA target" if profile.runtime is None else "cross-compiled and cannot use it")))
-    reports = compile_targets(cfg, targets, log=None if as_json else _info)
+                        data_dir=data_dir, force=force, checkpoint=checkpoint, resume=resume, tuning_db=tuning_db,
+                        to_step=to_step, from_step=from_step)
+    cfg.check()
+    profiles = effective_profiles(cfg, targets)  # fail fast on a bad target or option, before heavy imports
+    if list_steps:
+        _print_steps(profiles, as_json)
+        return
+    if resume and not checkpoint.is_file():
+        _info(f"--resume: no checkpoint at {checkpoint} yet; fine-tuning starts from epoch 1")
+    elif resume:
+        from pfq_edge.train import read_checkpoint
+
+        read_checkpoint(checkpoint)  # a corrupt file fails now, not after minutes of work
+    done = compile_targets(cfg, targets, log=None if as_json else _info)
     if dist.rank_and_world()[0] != 0:
         return
-    if len(reports) == 1:
+    if "package" not in done[0].results:
+        _print_stopped(done[0], as_json)
+        return
+    from pfq_edge.report import summary
+
+    if len(done) == 1:
         if as_json:
-            typer.echo(json.dumps({"out": str(out), "summary": reports[0].summary}, indent=2))
+            typer.echo(json.dumps({"out": str(out), "summary": summary(done[0])}, indent=2))
         else:
-            _print_summary(reports[0], out)
+            _print_summary(done[0], out)
     elif as_json:
-        typer.echo(json.dumps({"out": str(out), "targets": [{"target": r.target, "folder": str(out / r.target),
-                                                             "summary": r.summary} for r in reports]}, indent=2))
+        typer.echo(json.dumps({"out": str(out), "targets": [{"target": c.profile.name,
+                                                             "folder": str(out / c.profile.name),
+                                                             "summary": summary(c)} for c in done]}, indent=2))
     else:
         _print_multi_summary(out)
-    missed = [f"{r.target}: {m}" for r in reports if (m := budget_missed(r.summary))]
+    missed = [f"{c.profile.name}: {m}" for c in done if (m := budget_missed(c))]
     if missed:
         _fail(f"budget missed: {'; '.join(missed)}; the output in {out} is complete", BUDGET_MISSED_EXIT)
 
 
-def _checkpoint_dir(checkpoint: Path) -> None:
-    from pfq_edge.errors import OutputError
+def _print_steps(profiles, as_json: bool) -> None:
+    """``--list-steps``: each target's steps with what they require, their golden checks and what they do."""
+    from pfq_edge.pipeline import steps_for
 
-    if checkpoint.is_dir():
-        raise OutputError(f"--checkpoint {checkpoint} is a directory; give a file path, e.g. {checkpoint}/qat.pt")
-    import tempfile
+    rows = {p.name: [{"step": s.name, "requires": list(s.requires), "golden": list(s.golden), "does": s.summary}
+                     for s in steps_for(p)] for p in profiles}
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for name, steps in rows.items():
+        typer.echo(f"{name}: {' → '.join(s['step'] for s in steps)}")
+        for s in steps:
+            checks = f" Golden checks: {', '.join(s['golden'])}." if s["golden"] else ""
+            typer.echo(f"  {s['step']:<9} {s['does']}{checks}")
 
-    try:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=checkpoint.parent, prefix=".pfq-edge-probe"):
-            pass
-    except OSError as exc:
-        raise OutputError(f"cannot write --checkpoint {checkpoint}: {exc.strerror}") from None
+
+def _print_stopped(c, as_json: bool) -> None:
+    """After ``--to-step``: where the compile stopped and how to go on."""
+    from pfq_edge.pipeline import steps_for
+
+    names = [s.name for s in steps_for(c.profile)]
+    last = list(c.results)[-1]
+    following = names[names.index(last) + 1]
+    if as_json:
+        typer.echo(json.dumps({"out": str(c.final), "stopped_after": last, "next_step": following,
+                               "accuracy": c.accuracy}, indent=2))
+        return
+    typer.echo(f"stopped after step {last}; {c.final}/steps/ holds what the next steps need; continue with "
+               f"--out {c.final} --from-step {following}")
 
 
-def _print_summary(report, out: Path) -> None:
+def _print_summary(c, out: Path) -> None:
     from rich.table import Table
 
-    from pfq_edge.report import summary_rows
+    from pfq_edge.report import summary, summary_rows
 
-    table = Table(title=f"pfq-edge: {report.model} → {report.target}")
+    table = Table(title=f"pfq-edge: {c.config.model} → {c.profile.name}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    for name, value in summary_rows(report.summary):
+    for name, value in summary_rows(summary(c), c.profile.kind):
         table.add_row(name, str(value))
     console = _console()
     console.print(table)
-    console.print(f"output: {out}/ (report.md, report.json, {report.stages['package']['archive']})")
+    console.print(f"output: {out}/ (report.md, report.json, {c.result('package').archive})")
 
 
 def _print_multi_summary(out: Path) -> None:
@@ -216,7 +239,7 @@ def _print_multi_summary(out: Path) -> None:
 
 
 def _check_rule(rule: str) -> None:
-    from pfq_edge.analysis import RULES
+    from pfq_edge.pfq import RULES
 
     if rule not in RULES:
         raise PfqError(f"--rule must be one of {', '.join(RULES)}, got {rule!r}")
@@ -245,7 +268,7 @@ def analyze_cmd(
     folded-weight range, per-tensor step and share of weights rounding to 0, before and after PfQ."""
     import torch
 
-    from pfq_edge.analysis import analyze_pfq
+    from pfq_edge.pfq.analyze import analyze_pfq
     from pfq_edge.zoo import load_model
 
     _check_rule(rule)
@@ -310,7 +333,7 @@ def prune_cmd(
     model is expected, e.g. `pfq-edge analyze FILE`)."""
     import torch
 
-    from pfq_edge.analysis import analyze_pfq
+    from pfq_edge.pfq.analyze import analyze_pfq
     from pfq_edge.errors import OutputError
     from pfq_edge.export.pruned import save_pruned
     from pfq_edge.zoo import load_model
@@ -343,7 +366,7 @@ def prune_cmd(
 def _compare_on_images(loaded, pruned, n: int, data_dir: Optional[Path], exact: bool) -> dict:
     """The compile's prune golden check on ``n`` test images adapted to the model; raises GoldenCheckError."""
     from pfq_edge.data import adapt_images, load_split
-    from pfq_edge.pipeline import prune_golden_check
+    from pfq_edge.steps import prune_golden_check
     from pfq_edge.train import predict
 
     images = adapt_images(load_split("test", data_dir).images[:n], loaded.input_shape,
@@ -366,15 +389,11 @@ def targets_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-read
     table = Table(title="pfq-edge targets")
     for col in ("name (aliases)", "kind", "bits", "device", "goal", "latency budget"):
         table.add_column(col)
+    from pfq_edge.targets.backends import backend_for
+
     for r in rows:
         name = r["name"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
-        if r["kind"] == "fpga":
-            device, goal = f"{r['part']} @ {r['clock_mhz']:g} MHz (FINN)", f"{r['target_fps']} fps"
-        else:
-            cpu = r["mcpu"] + (f", {r['mtriple']}" if r["mtriple"] else "")
-            device = f"TVM cuda {r['arch']} (host {cpu})" if r["tvm_target"] == "cuda" else f"TVM llvm {cpu}"
-            goal = f"batch {r['batch_size']}" + ("" if r["tvm_target"] == "cuda" else
-                                                  f", {r['threads'] or 'all'} threads")
+        device, goal = backend_for(r["kind"]).device_and_goal(r)
         table.add_row(name, r["kind"], f"{r['bits']}, {r['granularity']}", device, goal,
                       f"{r['latency_budget_ms']} ms")
     _console().print(table)
@@ -441,9 +460,10 @@ def main() -> None:
         else:
             if os.environ.get("PFQ_EDGE_DEBUG"):
                 raise
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            typer.echo(f"pfq-edge: internal error: {type(exc).__name__}: {first} (set PFQ_EDGE_DEBUG=1 for the "
-                       f"traceback)", err=True)
+            from pfq_edge.errors import first_line
+
+            typer.echo(f"pfq-edge: internal error: {type(exc).__name__}: {first_line(exc)} (set PFQ_EDGE_DEBUG=1 "
+                       f"for the traceback)", err=True)
             sys.exit(1)
     if rc == 130:
         _fail("interrupted; no output was written", 130)

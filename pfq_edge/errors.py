@@ -49,3 +49,18 @@ class PackageError(PfqError):
     """A deployment package is unreadable, unsafe or does not match its manifest (``pfq-edge verify``)."""
 
     exit_code = 10
+
+
+def one_line(exc: BaseException, limit: int = 240) -> str:
+    """``exc``'s message on one line (whitespace and newlines collapsed, terminal colour codes removed), at most
+    ``limit`` characters; the exception's type name if it has no message. Every one-line error is built with it."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(exc).split()))
+    return text[:limit] if text else type(exc).__name__
+
+
+def first_line(exc: BaseException, limit: int = 240) -> str:
+    """The first line of ``exc``'s message (libraries that append a traceback or a long dump after it)."""
+    text = str(exc).strip()
+    return one_line(Exception(text.splitlines()[0]), limit) if text else type(exc).__name__

@@ -13,7 +13,7 @@ import contextlib
 import pickle
 from pathlib import Path
 
-from pfq_edge.errors import ModelError
+from pfq_edge.errors import ModelError, one_line
 
 
 @contextlib.contextmanager
@@ -58,7 +58,7 @@ def load_exported(path: Path):
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from None
     except Exception as exc:  # zip, JSON and version errors of several types
-        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        text = one_line(exc, 200)
         raise ModelError(f"cannot read torch.export archive {path}: {text}") from None
     finally:
         logging.disable(logging.NOTSET)

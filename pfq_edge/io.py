@@ -37,6 +37,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# files that mark a folder as a pfq-edge output: one target, a stopped compile (--to-step), several targets
+OUTPUT_MARKERS = ("report.json", "steps/state.json", "summary.json")
+
+
 @contextmanager
 def staged_dir(out: Path, force: bool = False):
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename, on error it is removed.
@@ -50,7 +54,7 @@ def staged_dir(out: Path, force: bool = False):
         raise OutputError(f"output directory {out} exists; pass --force to replace it")
     if out.exists() and Path.cwd().resolve().is_relative_to(out):
         raise OutputError(f"refusing to replace {out}: it holds the current directory")
-    if out.exists() and any(out.iterdir()) and not (out / "report.json").exists():
+    if out.exists() and any(out.iterdir()) and not any((out / m).exists() for m in OUTPUT_MARKERS):
         raise OutputError(f"refusing to replace {out}: it is not empty and not a pfq-edge output folder "
                           f"(no report.json)")
     try:

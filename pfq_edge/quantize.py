@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import fx, nn
 
-from pfq_edge.errors import ModelError
+from pfq_edge.errors import ModelError, first_line
 
 EQUALIZE_ITERS = 20  # Brevitas cross-layer equalization iterations (its examples' choice)
 INPUT_RANGE = 1.0  # pixels arrive scaled to [0, 1] (data.py); the input quantizer's step is 1 / (2^bits - 1)
@@ -60,12 +60,12 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
                                          preprocess_for_quantize, quantize)
     from brevitas.quant import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat, Int32Bias
 
-    from pfq_edge.graph import call_counts
+    from pfq_edge.pfq.graph import call_counts
 
     try:
         gm = fx.symbolic_trace(model)
     except Exception as exc:
-        raise ModelError(f"cannot trace {type(model).__name__} for quantization: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"cannot trace {type(model).__name__} for quantization: {first_line(exc)}") from None
     for name, count in call_counts(gm).items():
         if count > 1 and isinstance(gm.get_submodule(name), nn.modules.batchnorm._BatchNorm):
             raise ModelError(f"BatchNorm {name!r} is used at {count} call sites; it cannot be folded into one conv")

@@ -1,45 +1,59 @@
-"""The one Report every stage appends to, rendered as report.json (machine-readable), report.md and PNG plots
-(people). report.json holds what the compile computed, never wall-clock facts, so that it is reproducible; stage
-times go to run.json beside it (not into the package).
+"""The report of a compile: report.json (machine-readable), report.md and PNG plots (people), rendered from the
+Compilation's step results. Nothing reads a report back during a compile; ``pfq-edge report`` re-renders report.md
+and the plots from report.json alone. report.json holds what the compile computed, never wall-clock facts, so that
+it is reproducible; step times go to run.json beside it (not into the package).
 
 report.json, schema version 2: {schema_version, model, target, kind, summary, stages: {load, accuracy, prune,
-quantize, finetune, export, estimate | build + measure, package}} (README, "report.json").
+quantize, finetune, <the backend's steps>, package}, plots} (docs/package.md, "report.json"). Sections that only
+one kind of target has are rendered by its backend (targets/backends/).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+
+from pfq_edge.targets.profile import wa_label
 
 SCHEMA_VERSION = 2
 PLOTS = {"folded_range": "folded-weight range per layer, before and after PfQ",
-         "accuracy_size": "accuracy against logical weight size, per stage",
-         "finn_layers": "FINN per-layer cycles and resources",
-         "latency": "latency per engine"}
+         "accuracy_size": "accuracy against logical weight size, per stage"}
 
 
-@dataclass
-class Report:
-    """``stages[name]`` holds each stage's results (plain JSON data); ``summary`` the headline numbers."""
+def report_document(c) -> dict:
+    """The report.json document of a Compilation: every finished step's ``report()`` under its name (the top-1
+    figures of all steps gathered under "accuracy", right after "load"), and the summary."""
+    stages = {}
+    for name, result in c.results.items():
+        stages[name] = result.report()
+        if name == "load":
+            stages["accuracy"] = None  # keeps its place in the document
+    stages["accuracy"] = c.accuracy
+    return {"schema_version": SCHEMA_VERSION, "model": c.config.model, "target": c.profile.name,
+            "kind": c.profile.kind, "summary": summary(c), "stages": stages, "plots": []}
 
-    model: str
-    target: str
-    kind: str = "fpga"
-    stages: dict = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)
-    timings_s: dict = field(default_factory=dict)  # wall times: written to run.json, not report.json
-    plots: list = field(default_factory=list)
 
-    def add(self, stage: str, data: dict) -> None:
-        self.stages.setdefault(stage, {}).update(data)
+def to_json(doc: dict) -> str:
+    return json.dumps(doc, indent=2, sort_keys=False, default=_jsonable) + "\n"
 
-    def to_json(self) -> str:
-        doc = {"schema_version": SCHEMA_VERSION, "model": self.model, "target": self.target, "kind": self.kind,
-               "summary": self.summary, "stages": self.stages, "plots": self.plots}
-        return json.dumps(doc, indent=2, sort_keys=False, default=_jsonable) + "\n"
 
-    def to_markdown(self) -> str:
-        return render_markdown(json.loads(self.to_json()))
+def summary(c) -> dict:
+    """The headline numbers of a compile: the shared front end's, then the backend's (``Backend.summary``)."""
+    from pfq_edge.targets.backends import backend_for
+
+    acc, prune, quant = c.accuracy, c.result("prune"), c.result("quantize")
+    backend = backend_for(c.profile.kind)
+    shared = {"float_top1": acc.get("float"), "pfq_top1": acc.get("pfq_float"),
+              "quantized_top1": acc.get("quantized_ptq"), "finetuned_top1": acc.get("finetuned"),
+              "deployed_top1": acc.get("deployed"), "bits": backend.bits_label(c.profile.quant),
+              "pfq_rule": c.profile.pfq.rule, "filters_removed": prune.filters_removed,
+              "weight_bits": quant.size["weight_bits"], "bias_params": quant.size["bias_params"],
+              "zero_weight_fraction": quant.size["zero_weight_fraction"]}
+    return {**shared, **backend.summary(c)}
+
+
+def golden_checks(stages: dict) -> list[dict]:
+    """The golden checks recorded in a report.json document's stages, in step order."""
+    return [v[k] for v in stages.values() if isinstance(v, dict) for k in ("golden", "guard") if v.get(k)]
 
 
 ACCURACY_LABELS = {"float": "float model (as given)", "pfq_float": "after PfQ (float)",
@@ -55,7 +69,7 @@ def _jsonable(obj):
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
-def _pct(x) -> str:
+def pct(x) -> str:
     return "—" if x is None else f"{100 * x:.2f}%"
 
 
@@ -63,7 +77,7 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|")  # a bare | would split the Markdown cell
 
 
-def _table(headers: list[str], rows: list[list]) -> str:
+def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -71,9 +85,12 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 def render_markdown(doc: dict) -> str:
     """report.md from a report.json document."""
+    from pfq_edge.targets.backends import backend_for
+
     s, st = doc["summary"], doc["stages"]
+    backend = backend_for(doc["kind"])
     out = [f"# pfq-edge compile: `{doc['model']}` for `{doc['target']}`", ""]
-    out += ["## Summary", "", _table(["quantity", "value"], summary_rows(s)), ""]
+    out += ["## Summary", "", table(["quantity", "value"], summary_rows(s, doc["kind"])), ""]
     prune = st.get("prune", {})
     if prune:
         out += _prune_section(prune)
@@ -81,37 +98,22 @@ def render_markdown(doc: dict) -> str:
     acc = st.get("accuracy", {})
     if acc:
         out += ["## Accuracy (top-1, Fashion-MNIST test set)", "",
-                _table(["stage", "top-1"], [[ACCURACY_LABELS.get(k, k), _pct(v)] for k, v in acc.items()]), ""]
-    golden = [g for g in (prune.get("golden"), prune.get("guard"), st.get("export", {}).get("golden"),
-                          st.get("build", {}).get("golden")) if g]
+                table(["stage", "top-1"], [[ACCURACY_LABELS.get(k, k), pct(v)] for k, v in acc.items()]), ""]
+    golden = golden_checks(st)
     if golden:
-        out += ["## Golden checks", "", _table(
+        out += ["## Golden checks", "", table(
             ["stage", "images", "max abs diff", "top-1 agreement", "images with |Δ| > atol", "passed"],
-            [[g["stage"], g["images"], f"{g['max_abs_diff']:.3g}", _pct(g["argmax_agreement"]),
+            [[g["stage"], g["images"], f"{g['max_abs_diff']:.3g}", pct(g["argmax_agreement"]),
               f"{g['mismatched_images']} (atol {g['atol']}, allowed {g['max_mismatch_fraction']:.0%})"
               if g["atol"] is not None else "— (top-1 agreement only)", g["passed"]]
              for g in golden]), "",
                 "Images with |Δ| > atol are one-step rounding flips: float32 sums in another order land a value on the "
                 "other side of a quantization boundary (see pfq_edge/golden.py).", ""]
-    fpga = st.get("estimate", {})
-    if fpga:
-        fit, lat = fpga["verdicts"]["fit"], fpga["verdicts"]["latency"]
-        out += ["## FPGA estimate (FINN, no synthesis)", "",
-                f"Part {fpga['part']} at {fpga['clock_mhz']} MHz: latency **{fpga['latency_us']:.1f} µs**, throughput "
-                f"**{fpga['throughput_fps']:.0f} fps** (bottleneck {fpga['bottleneck']}).", "",
-                f"- Fit ({fit['board']}, ≤ {fit['max_utilization']:.0%} of each resource): **{fit['verdict']}** — " +
-                ", ".join(f"{r} {fpga['totals'][r]:.0f}/{fit['capacity'][r]} ({u:.1%})"
-                          for r, u in fit["utilization"].items()),
-                f"- Latency budget {lat['budget_ms']} ms: **{lat['verdict']}** ({lat['latency_ms']:.3f} ms)", "",
-                "FINN's estimates undercount some LUTs (pooling and float element-wise nodes report 0).", "",
-                _table(["layer", "cycles", "LUT", "BRAM_18K", "URAM", "DSP"],
-                       [[r["layer"], r["cycles"], f"{r['LUT']:.0f}", f"{r['BRAM_18K']:.0f}", f"{r['URAM']:.0f}",
-                         f"{r['DSP']:.0f}"] for r in fpga["layers"]]), ""]
-    if st.get("build"):
-        out += _runtime_section(st.get("export", {}), st["build"], st.get("measure", {}))
-    plots = [k for k in PLOTS if k in doc.get("plots", [])]
+    out += backend.markdown(doc)
+    titles = {**PLOTS, **backend.plots}
+    plots = [k for k in titles if k in doc.get("plots", [])]
     if plots:
-        out += ["## Plots", ""] + [f"![{PLOTS[k]}](plots/{k}.png)" for k in plots] + [""]
+        out += ["## Plots", ""] + [f"![{titles[k]}](plots/{k}.png)" for k in plots] + [""]
     return "\n".join(out)
 
 
@@ -121,7 +123,8 @@ def plot_points(doc: dict) -> list[dict]:
     s, st = doc["summary"], doc["stages"]
     params = st.get("load", {}).get("parameters")
     kept = sum(r["params"] for r in st.get("quantize", {}).get("layers", []))  # conv/linear weights after PfQ
-    label = s.get("bits", "").split(" ")[0]
+    q = st.get("quantize", {})
+    label = wa_label(q.get("weight_bit_width"), q.get("act_bit_width"))
     return [{"label": "float (all parameters)", "top1": s.get("float_top1"), "weight_bits": params and 32 * params},
             {"label": "PfQ float (weights)", "top1": s.get("pfq_top1"), "weight_bits": 32 * kept},
             {"label": f"{label} PTQ", "top1": s.get("quantized_top1"), "weight_bits": s.get("weight_bits")},
@@ -133,6 +136,7 @@ def render_plots(doc: dict, folder) -> list[str]:
     from pathlib import Path
 
     from pfq_edge import plots
+    from pfq_edge.targets.backends import backend_for
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -144,14 +148,7 @@ def render_plots(doc: dict, folder) -> list[str]:
         done.append("folded_range")
     plots.plot_accuracy_vs_size(plot_points(doc), f"{name}: top-1 vs logical weight size", folder / "accuracy_size.png")
     done.append("accuracy_size")
-    if st.get("estimate", {}).get("layers"):
-        plots.plot_finn_layers(st["estimate"]["layers"], f"{name}: FINN estimate per layer", folder / "finn_layers.png")
-        done.append("finn_layers")
-    engines = st.get("measure", {}).get("engines")
-    if engines:
-        plots.plot_latency(engines, st["measure"]["verdict"].get("budget_ms"), f"{name}: latency per call",
-                           folder / "latency.png")
-        done.append("latency")
+    done += backend_for(doc["kind"]).render_plots(doc, folder, name)
     return done
 
 
@@ -163,11 +160,11 @@ def _prune_section(prune: dict) -> list[str]:
     where = "calibration" if rule == "bn-epsilon" else "test"
     text = ("post-BN std ≤ %g (exact; design.md §2)" % prune.get("tol") if rule == "exact" else
             "bn-epsilon: running_var ≤ ε treated as constant and replaced by β (approximate; guarded by top-1 "
-            f"agreement ≥ {_pct(check.get('min_agreement'))} on the calibration images)")
+            f"agreement ≥ {pct(check.get('min_agreement'))} on the calibration images)")
     out = ["## PfQ: constant filters removed", "",
            f"Rule: {text}. Filters removed: **{prune.get('filters_removed', 0)}**. Output change on "
            f"{check.get('images')} {where} images: max |Δlogit| {check.get('max_abs_diff', 0):.3g}, top-1 agreement "
-           f"{_pct(check.get('argmax_agreement'))} "
+           f"{pct(check.get('argmax_agreement'))} "
            f"({'exact' if prune.get('exact') else 'approximate'}).", ""]
     rows = [[r["layer"], r["kind"], r["channels_before"], r["channels_after"], r["constant_filters"],
              r["removed_filters"], r["range_inflating_filters"], f"{r['folded_max_abs_before']:.3g}",
@@ -175,7 +172,7 @@ def _prune_section(prune: dict) -> list[str]:
              f"{r['zero_fraction_after']:.1%}"] for r in prune.get("layers", [])]
     out += [f"Folded-weight range (max |W'|) and the share of weights that round to 0 with a per-tensor "
             f"{prune.get('bits')}-bit step, before and after PfQ:", "",
-            _table(["layer", "kind", "channels before", "after", "constant filters", "filters removed",
+            table(["layer", "kind", "channels before", "after", "constant filters", "filters removed",
                     "σ²≤ε kept", "folded max|W'| before", "after", "→0 before", "after"], rows), "",
             "Filters removed include depthwise channels fed by a removed filter and filters whose only reader "
             "was a removed depthwise channel.", ""]
@@ -184,59 +181,6 @@ def _prune_section(prune: dict) -> list[str]:
                f"{prune.get('constant_removed', 0)} removed" + ("; left, with the reason:" if left else "."))
     out += [f"- `{x['layer']}`: {x['filters']} constant filters left — {x['reason']}" for x in left]
     out += [f"- warning: {w}" for w in prune.get("warnings", [])]
-    return out + [""]
-
-
-def _runtime_section(export: dict, build: dict, measured: dict) -> list[str]:
-    """CPU/GPU targets: the QCDQ model, the TVM build and what was checked, latency per engine, the verdict."""
-    target = build["target"]
-    out = ["## CPU/GPU build (QCDQ → TVM)", "",
-           f"- QCDQ ONNX `{export.get('file')}` ({export.get('bytes', 0):,} bytes, batch {export.get('batch_size')}).",
-           f"- TVM target `{json.dumps(target)}`; library `{build['library']}` ({build['elf'].get('class')} "
-           f"{build['elf'].get('type')}, {build['elf'].get('machine')}) (build and tuning times: run.json)."]
-    tuning = build.get("tuning") or {}
-    if tuning:
-        out.append(f"- MetaSchedule: {tuning['trials_run']} trials run over {tuning['tasks']} tasks "
-                   f"({tuning['reused_trials']} reused from a previous run), {tuning['records']} records in `tvm_tuning/` "
-                   f"(kept in the output folder, not the package).")
-    else:
-        out.append("- Schedules: TVM defaults (untuned; `--tune-trials N` tunes with MetaSchedule).")
-    golden = build.get("golden")
-    out.append(f"- Reloaded in a fresh process and run on {golden['images']} test images: top-1 agreement with the "
-               f"QCDQ model {_pct(golden['argmax_agreement'])}, max |Δlogit| {golden['max_abs_diff']:.3g}."
-               if golden else f"- **Not run here**: {build.get('not_run')}.")
-    device = build.get("device_code")
-    if device is not None:
-        out.append(f"- CUDA device code for {device['arch']}: " +
-                   (f"compiled with {device['compiler']} (`{device['file']}`, {device['bytes']:,} bytes)."
-                    if device["compiled"] else f"not compiled ({device['reason']}).") +
-                   " The library carries CUDA C that TVM's runtime compiles when it loads on the device; no GPU "
-                   "figure is claimed.")
-    levels = export.get("onnxruntime_levels") or {}
-    if levels:
-        out += ["", "onnxruntime against the QCDQ graph as written (optimizations off) on the same images — from "
-                "level extended on it fuses Q/DQ into integer kernels, which round differently (images move by a step) "
-                "and must not change the classification:", "",
-                _table(["optimization level", "top-1 agreement", "max |Δlogit|", "images off by > 1e-3",
-                        "computes the model? (≥ 99% top-1 agreement)"],
-                       [[k, _pct(v["argmax_agreement"]), f"{v['max_abs_diff']:.3g}",
-                         f"{v['mismatched_images']}/{v['images']}", "yes" if v["passed"] else "no"]
-                        for k, v in levels.items()]), ""]
-    engines = measured.get("engines") or []
-    verdict = measured.get("verdict", {})
-    if engines:
-        tvm_ms = engines[0]["median_ms"]
-        out += [f"Latency per call, batch {measured['batch_size']}, {measured['threads']} threads, each engine in its "
-                f"own process, {engines[0]['warmup']} warm-up calls dropped, ≥ 1 s of timed calls:", "",
-                _table(["engine", "median ms", "p90 ms", "min ms", "max ms", "calls", "TVM median ÷ engine median"],
-                       [[e["label"], f"{e['median_ms']:.4f}", f"{e['p90_ms']:.4f}", f"{e['min_ms']:.4f}",
-                         f"{e.get('max_ms', float('nan')):.4f}", e["repeats"], f"{tvm_ms / e['median_ms']:.3g}"]
-                        for e in engines]), "",
-                "A ratio below 1 means TVM is faster than that engine."]
-    if verdict:
-        out.append(f"Latency budget {verdict['budget_ms']} ms: **{verdict['verdict']}**" +
-                   (f" (TVM {verdict['latency_ms']:.3f} ms)." if verdict.get("latency_ms") is not None
-                    else f" — {verdict.get('reason')}."))
     return out + [""]
 
 
@@ -260,51 +204,31 @@ def _settings_section(quant: dict, ft: dict) -> list[str]:
                  ["distillation α / T", f"{ft['distill_alpha']:g} / {ft['distill_temperature']:g}"],
                  ["loss per epoch", ", ".join(f"{x:.4f}" for x in ft["loss"])]]
         if ft.get("validation_top1"):
-            rows += [["validation top-1 per epoch", ", ".join(_pct(x) for x in ft["validation_top1"])],
+            rows += [["validation top-1 per epoch", ", ".join(pct(x) for x in ft["validation_top1"])],
                      ["kept epoch", f"{ft['best_epoch']} (early stop: {ft['stopped_early']})"]]
         if ft.get("resumed_after_epoch"):
             rows.append(["resumed after epoch", ft["resumed_after_epoch"]])
-    return ["## Quantization and fine-tuning", "", _table(["setting", "value"], rows), ""]
+    return ["## Quantization and fine-tuning", "", table(["setting", "value"], rows), ""]
 
 
-def summary_rows(s: dict) -> list[list]:
-    """The summary as (quantity, value) rows, shared by report.md and the terminal table."""
+def summary_rows(s: dict, kind: str) -> list[list]:
+    """The summary of a ``kind`` target as (quantity, value) rows, shared by report.md and the terminal table."""
+    from pfq_edge.targets.backends import backend_for
+
     rows = [
-        ["float top-1", _pct(s.get("float_top1"))],
-        ["after PfQ (float) top-1", _pct(s.get("pfq_top1"))],
-        ["quantized (before fine-tuning) top-1", _pct(s.get("quantized_top1"))],
-        ["fine-tuned top-1", _pct(s.get("finetuned_top1"))],
-        *([["deployed top-1 (TVM library, all test images)", _pct(s["deployed_top1"])]]
+        ["float top-1", pct(s.get("float_top1"))],
+        ["after PfQ (float) top-1", pct(s.get("pfq_top1"))],
+        ["quantized (before fine-tuning) top-1", pct(s.get("quantized_top1"))],
+        ["fine-tuned top-1", pct(s.get("finetuned_top1"))],
+        *([["deployed top-1 (TVM library, all test images)", pct(s["deployed_top1"])]]
           if s.get("deployed_top1") is not None else []),
         ["bits (weights/activations/input)", s.get("bits", "—")],
         ["PfQ rule / filters removed", f"{s.get('pfq_rule', 'exact')} / {s.get('filters_removed', '—')}"],
         ["logical weight size", f"{s['weight_bits']:,} bits ({s['weight_bits'] / 8 / 1024:.1f} KiB)"
          if "weight_bits" in s else "—"],
-        ["weights quantized to 0", _pct(s.get("zero_weight_fraction"))],
+        ["weights quantized to 0", pct(s.get("zero_weight_fraction"))],
     ]
-    if "qonnx_bytes" in s:
-        rows += [["biases (float, not in the weight bits)", f"{s['bias_params']:,} parameters"],
-                 ["QONNX file (weights stored as float32)", f"{s['qonnx_bytes']:,} bytes"]]
-    if "qcdq_bytes" in s:
-        rows += [["QCDQ ONNX file", f"{s['qcdq_bytes']:,} bytes"],
-                 ["TVM library", f"{s.get('library')} (" + {True: "golden check passed in a fresh process",
-                                                            False: "golden check failed",
-                                                            None: "cross-compiled: not run here"}[
-                     s.get("tvm_golden")] + ")"]]
-    if "latency_ms_tvm" in s:
-        rows += [["latency TVM / onnxruntime / torch (median)", " / ".join(
-            f"{s.get('latency_ms_' + e, float('nan')):.3f}" for e in ("tvm", "onnxruntime", "torch")) + " ms"]]
-    if s.get("latency_verdict") and "latency_us" not in s:
-        rows += [["latency budget", f"{s['latency_verdict']} ({s.get('latency_budget_ms')} ms)"]]
-    if "latency_us" in s:
-        rows += [
-            ["FINN latency", f"{s['latency_us']:.1f} µs"],
-            ["FINN throughput", f"{s['throughput_fps']:.0f} fps"],
-            ["LUT / BRAM_18K / DSP", f"{s['LUT']:.0f} / {s['BRAM_18K']:.0f} / {s['DSP']:.0f}"],
-            ["fit", s.get("fit", "—")],
-            ["latency budget", s.get("latency_verdict", "—")],
-        ]
-    return rows
+    return rows + backend_for(kind).summary_rows(s)
 
 
 def rerender(folder) -> dict:
@@ -353,17 +277,14 @@ def summary_rows_multi(doc: dict) -> tuple[list[str], list[list]]:
     """Header and rows of the multi-target summary: one row per target (summary.md and the terminal table)."""
     head = ["target", "kind", "bits", "PfQ filters removed", "quantized top-1", "deployed top-1", "weight size",
             "latency", "budget", "fit", "package"]
+    from pfq_edge.targets.backends import backend_for
+
     rows = []
     for r in doc["targets"]:
-        if "latency_us" in r:
-            latency = f"{r['latency_us'] / 1000:.3f} ms (FINN estimate)"
-        elif r.get("latency_ms") is not None:
-            latency = f"{r['latency_ms']:.3f} ms (TVM, measured)"
-        else:
-            latency = "not measured (cross-compiled)"
+        latency = backend_for(r["kind"]).latency_cell(r)
         rows.append([r["target"], r["kind"], r.get("bits", "—").split(",")[0], r.get("filters_removed", "—"),
-                     _pct(r.get("finetuned_top1") if r.get("finetuned_top1") is not None else r.get("quantized_top1")),
-                     _pct(r.get("deployed_top1")), f"{r['weight_bits'] / 8 / 1024:.1f} KiB",
+                     pct(r.get("finetuned_top1") if r.get("finetuned_top1") is not None else r.get("quantized_top1")),
+                     pct(r.get("deployed_top1")), f"{r['weight_bits'] / 8 / 1024:.1f} KiB",
                      latency, r.get("latency_verdict", "—"), r.get("fit", "—"), r["archive"]])
     return head, rows
 
@@ -375,5 +296,5 @@ def summary_table(doc: dict) -> str:
                       "Targets with the same bit widths and fine-tuning settings share one fine-tuned model; each "
                       "folder holds that target's report.md. Quantized top-1: after fine-tuning, or before it (PTQ) "
                       "with --epochs 0; deployed top-1: the TVM library in a fresh process (targets run here).", "",
-                      _table(head, rows), "",
+                      table(head, rows), "",
                       "![top-1 vs logical weight size per target](accuracy_size.png)", ""])

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pfq_edge.errors import ModelError
+from pfq_edge.errors import ModelError, first_line, one_line
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "fashion-dscnn"
@@ -203,7 +203,7 @@ def load_weights(path: Path) -> dict:
         except ModelError:
             raise
         except Exception as exc:  # safetensors raises several types for corrupt headers/data
-            raise ModelError(f"cannot read safetensors weights {path}: {str(exc).splitlines()[0]}") from None
+            raise ModelError(f"cannot read safetensors weights {path}: {first_line(exc)}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
@@ -288,7 +288,7 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None) -> 
             if unexpected:
                 raise RuntimeError(f"unexpected keys {unexpected[:5]}")
         except RuntimeError as exc:
-            detail = " ".join(str(exc).split())[:300]
+            detail = one_line(exc, 300)
             raise ModelError(f"weights {weights} do not match model {spec!r}: {detail}") from None
     module.eval()
     return LoadedModel(spec, module, entry.input_shape, Path(weights) if weights else None, dict(entry.info),
@@ -303,7 +303,7 @@ def pruned_metadata(path: Path) -> dict | None:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:
-        raise ModelError(f"cannot read safetensors file {path}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"cannot read safetensors file {path}: {first_line(exc)}") from None
     return meta if meta.get("format") == "pfq-edge-pruned" else None
 
 
@@ -315,7 +315,7 @@ def load_pruned(path: Path, trusted_spec: str | None = None) -> LoadedModel:
     a data file never runs code on its own. Raises ModelError if the file is not a pfq-edge pruned model, names a
     different spec, or does not fit the architecture it names.
     """
-    from pfq_edge.prune import apply_structure
+    from pfq_edge.pfq.apply import apply_structure
 
     meta = pruned_metadata(path)
     if meta is None:
@@ -336,7 +336,7 @@ def load_pruned(path: Path, trusted_spec: str | None = None) -> LoadedModel:
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelError(f"{path}: weights do not fit the pruned {meta['model']!r}: {' '.join(str(exc).split())[:200]}"
+        raise ModelError(f"{path}: weights do not fit the pruned {meta['model']!r}: {one_line(exc, 200)}"
                          ) from None
     module.eval()
     info = {**entry.info, "pruned_from": meta["model"], "filters_removed": int(meta.get("filters_removed", 0))}

@@ -13,8 +13,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pfq_edge.errors import ProfileError
+from pfq_edge.pfq import DEFAULT_TOL, PROFILE_RULES
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+def wa_label(weight_bits: int, act_bits: int) -> str:
+    """The field's short name of a bit-width pair: weights W, activations A, e.g. ``W4A4``."""
+    return f"W{weight_bits}A{act_bits}"
 
 
 class _Strict(BaseModel):
@@ -47,8 +53,13 @@ class QuantSpec(_Strict):
 
     def label(self) -> str:
         """Short name, e.g. ``W4A4`` or ``W4A4 per-channel``."""
-        text = f"W{self.weight_bit_width}A{self.act_bit_width}"
+        text = wa_label(self.weight_bit_width, self.act_bit_width)
         return text if self.weight_granularity == "per-tensor" else f"{text} per-channel"
+
+    def describe(self) -> str:
+        """The bit widths as reports state them, e.g. ``W4A4 input 8-bit, per-tensor``."""
+        return (f"{wa_label(self.weight_bit_width, self.act_bit_width)} input {self.input_bit_width}-bit, "
+                f"{self.weight_granularity}")
 
 
 class PfqSpec(_Strict):
@@ -60,8 +71,8 @@ class PfqSpec(_Strict):
     else the compile stops. rule "off": no PfQ (the plain-QAT baseline).
     """
 
-    rule: Literal["exact", "bn-epsilon", "off"] = "exact"
-    tol: float = Field(1e-6, ge=0)
+    rule: Literal[PROFILE_RULES] = "exact"
+    tol: float = Field(DEFAULT_TOL, ge=0)
     min_agreement: float = Field(0.98, gt=0, le=1.0)
 
 
@@ -152,9 +163,9 @@ class Profile(_Strict):
 
     name: str
     description: str = ""
-    kind: Literal["fpga", "cpu", "gpu"]
+    kind: str  # a kind registered in targets/backends (fpga, cpu, gpu)
     aliases: list[str] = []
-    export_format: Literal["qonnx", "qcdq"] = "qonnx"
+    export_format: str = "qonnx"  # the kind's backend names the one it writes
     quant: QuantSpec = QuantSpec()
     pfq: PfqSpec = PfqSpec()
     finetune: FinetuneSpec = FinetuneSpec()
@@ -165,17 +176,21 @@ class Profile(_Strict):
 
     @model_validator(mode="after")
     def _sections_of_kind(self):
-        if self.kind == "fpga" and (self.fpga is None or self.runtime is not None or self.export_format != "qonnx"):
-            raise ValueError("an fpga profile has an [fpga] section, no [runtime] section and export_format "
-                             "\"qonnx\"")
-        if self.kind != "fpga" and (self.runtime is None or self.fpga is not None or self.export_format != "qcdq"):
-            raise ValueError(f"a {self.kind} profile has a [runtime] section, no [fpga] section and export_format "
-                             f"\"qcdq\"")
-        if self.kind == "fpga" and self.quant.bias != "float":
-            raise ValueError("quant.bias must stay \"float\" in an fpga profile (FINN absorbs biases into its "
-                             "thresholds; its QONNX import rejects int32 bias quantizers)")
-        if self.runtime is not None and (self.kind == "gpu") != (self.runtime.tvm_target == "cuda"):
-            raise ValueError(f"a {self.kind} profile cannot use runtime.tvm_target {self.runtime.tvm_target!r}")
+        """The kind's backend names its section and export format; the other kinds' sections must be absent."""
+        from pfq_edge.targets.backends import backend_for, backends, kinds
+
+        if self.kind not in kinds():
+            raise ValueError(f"unknown kind {self.kind!r}; known: {', '.join(kinds())}")
+        own = backend_for(self.kind)
+        others = [b.section for b in backends() if b.section != own.section]
+        if getattr(self, own.section) is None or any(getattr(self, o) is not None for o in others) \
+                or self.export_format != own.export_format:
+            absent = ", ".join(f"[{o}]" for o in others)
+            raise ValueError(f"a profile of kind {self.kind!r} has a [{own.section}] section, no {absent} section "
+                             f"and export_format \"{own.export_format}\"")
+        reason = own.validate_profile(self)
+        if reason:
+            raise ValueError(reason)
         return self
 
     def summary(self) -> dict:
@@ -187,14 +202,9 @@ class Profile(_Strict):
             "granularity": self.quant.weight_granularity, "bias": self.quant.bias, "export": self.export_format,
             "latency_budget_ms": self.budget.latency_ms,
         }
-        if self.fpga is not None:
-            facts.update({"part": self.fpga.part, "board": self.fpga.board, "clock_mhz": self.fpga.clock_mhz,
-                          "target_fps": self.fpga.target_fps})
-        if self.runtime is not None:
-            r = self.runtime
-            facts.update({"tvm_target": r.tvm_target, "mcpu": r.mcpu, "mtriple": r.mtriple, "arch": r.arch,
-                          "batch_size": r.batch_size, "threads": r.threads, "tune_trials": r.tune_trials})
-        return facts
+        from pfq_edge.targets.backends import backend_for
+
+        return {**facts, **backend_for(self.kind).profile_facts(self)}
 
 
 def _errors(exc: ValidationError) -> str:

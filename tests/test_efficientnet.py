@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pfq_edge.analysis import analyze_pfq
+from pfq_edge.pfq.analyze import analyze_pfq
 from pfq_edge.data import adapt_images
 from pfq_edge.zoo import load_model
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import plant_constant
-from pfq_edge.analysis import analyze_pfq
+from pfq_edge.pfq.analyze import analyze_pfq
 from pfq_edge.export.pruned import save_pruned
 from pfq_edge.zoo import load_model
 

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from conftest import plant_constant, randomize_bn, tiny_dscnn
-from pfq_edge.analysis import constant_mask, folded_weight, inflating_mask
-from pfq_edge.graph import trace
-from pfq_edge.prune import apply_plan, plan_pfq
+from pfq_edge.pfq.criterion import constant_mask, folded_weight, inflating_mask
+from pfq_edge.pfq.graph import trace
+from pfq_edge.pfq.apply import apply_plan
+from pfq_edge.pfq.plan import plan_pfq
 
 
 def _prune(model, x):

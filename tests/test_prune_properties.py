@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pfq_edge.graph import trace
-from pfq_edge.prune import apply_plan, plan_pfq
+from pfq_edge.pfq.graph import trace
+from pfq_edge.pfq.apply import apply_plan
+from pfq_edge.pfq.plan import plan_pfq
 
 ACTS = [nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Identity]
 

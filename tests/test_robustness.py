@@ -153,7 +153,7 @@ def exported_wide(tmp_path_factory):
 def test_torch_export_archive_is_a_model_input(exported_wide, images):
     import torch
 
-    from pfq_edge.analysis import analyze_pfq
+    from pfq_edge.pfq.analyze import analyze_pfq
     from pfq_edge.zoo import load_model
 
     loaded, zoo = load_model(str(exported_wide)), load_model("fashion-dscnn-wide")

@@ -1,8 +1,8 @@
-"""PfQ criterion and folded-weight statistics.
+"""PfQ analysis: plan and apply PfQ on a copy of a model and account for every constant filter, with the
+folded-weight range and the share of weights rounding to zero per layer, before and after.
 
-Method from Nishikawa & Ikegaya, arXiv:2011.06751 (PfQ), as read in shared/design.md §2: a filter c is *constant*
-when its post-BN standard deviation |γ_c|·σ_c / sqrt(σ²_c + ε) is zero up to ``tol``; its post-BN output is then
-β_c. Filters with σ²_c ≤ ε but a real spread are *range-inflating but informative*: reported, never pruned here.
+Method from Nishikawa & Ikegaya, arXiv:2011.06751 (PfQ), as read in shared/design.md §2–3; the criterion is
+``criterion.py``, the plan ``plan.py``, the mutation ``apply.py``.
 """
 
 from __future__ import annotations
@@ -12,61 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-DEFAULT_TOL = 1e-6  # post-BN std (output units) at or below which a filter counts as constant; far below any step
-
-
-def post_bn_std(bn: nn.BatchNorm2d) -> torch.Tensor:
-    """(C,) standard deviation of the BN output over the data the statistics came from: |γ|·σ/sqrt(σ²+ε)."""
-    var = bn.running_var.detach().double()
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
-    return (gamma.abs() * var.clamp_min(0).sqrt() / (var + bn.eps).sqrt()).float()
-
-
-RULES = ("exact", "bn-epsilon")
-
-
-def constant_mask(bn: nn.BatchNorm2d, tol: float = DEFAULT_TOL, rule: str = "exact") -> torch.Tensor:
-    """(C,) bool: filters PfQ treats as constant. rule "exact": the BN output is constant (post-BN std ≤ tol;
-    design.md §2). rule "bn-epsilon": running_var ≤ ε (σ²≤ε filters replaced by their mean β: an approximation
-    that also takes range-inflating filters carrying signal; guard it with real data)."""
-    if rule == "bn-epsilon":
-        return (bn.running_var.detach() <= bn.eps) | (post_bn_std(bn) <= tol)
-    return post_bn_std(bn) <= tol
-
-
-def inflating_mask(bn: nn.BatchNorm2d, tol: float = DEFAULT_TOL) -> torch.Tensor:
-    """(C,) bool: σ² ≤ ε but not constant — they widen the folded range yet carry signal (design.md §2)."""
-    return (bn.running_var.detach() <= bn.eps) & ~constant_mask(bn, tol)
-
-
-def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
-    """(C,) fold scale s_c = γ_c / sqrt(σ²_c + ε)."""
-    gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
-    return gamma / (bn.running_var.detach() + bn.eps).sqrt()
-
-
-def folded_weight(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> torch.Tensor:
-    """Weights W'_c = s_c·W_c of ``conv`` with ``bn`` folded in; shape of conv.weight."""
-    w = conv.weight.detach()
-    if bn is None:
-        return w
-    return w * bn_scale(bn).reshape(-1, *([1] * (w.dim() - 1)))
-
-
-@dataclass
-class RangeStats:
-    """Per-tensor symmetric quantization of one folded weight tensor at ``bits``."""
-
-    max_abs: float          # range of the folded weights, max |W'|
-    step: float             # quantization step max|W'| / (2^(bits-1) - 1)
-    zero_fraction: float    # fraction of weights that round to 0 at that step
-
-
-def range_stats(w: torch.Tensor, bits: int) -> RangeStats:
-    max_abs = float(w.abs().max()) if w.numel() else 0.0
-    step = max_abs / (2 ** (bits - 1) - 1) if max_abs > 0 else 0.0
-    zero = float((w.abs() < step / 2).float().mean()) if step > 0 else 1.0
-    return RangeStats(max_abs, step, zero)
+from pfq_edge.pfq import DEFAULT_TOL
+from pfq_edge.pfq.apply import apply_plan
+from pfq_edge.pfq.criterion import constant_mask, folded_weight, inflating_mask, range_stats
+from pfq_edge.pfq.graph import conv_chains, is_depthwise, trace
+from pfq_edge.pfq.plan import PrunePlan, plan_pfq
 
 
 @dataclass
@@ -75,7 +25,7 @@ class PfqAnalysis:
     constant filter (removed, or left with a reason)."""
 
     layers: list[dict]
-    plan: object                      # prune.PrunePlan
+    plan: PrunePlan
     bits: int
     constant_total: int
     constant_removed: int
@@ -99,9 +49,6 @@ def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: flo
     Method: arXiv:2011.06751 as read in shared/design.md §2–3.
     """
     import copy
-
-    from pfq_edge.graph import conv_chains, is_depthwise, trace
-    from pfq_edge.prune import apply_plan, plan_pfq
 
     pruned = copy.deepcopy(model).eval()
     gm = trace(pruned, example)

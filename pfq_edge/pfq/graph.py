@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from pfq_edge.errors import ModelError
+from pfq_edge.errors import ModelError, one_line
 
 # Element-wise activations: a constant channel stays constant through them (a_c = f(β_c)).
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh,
@@ -55,13 +55,13 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     try:
         gm = fx.GraphModule(model, _LayerTracer().trace(model), model.__class__.__name__)
     except Exception as exc:
-        msg = " ".join(str(exc).split())[:200]
+        msg = one_line(exc, 200)
         raise ModelError(f"cannot trace {type(model).__name__} with torch.fx: {msg}") from None
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(example)
     except Exception as exc:
-        msg = " ".join(str(exc).split())[:200]
+        msg = one_line(exc, 200)
         raise ModelError(f"model fails on an input of shape {tuple(example.shape)}: {msg}") from None
     return gm
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pfq_edge.errors import ToolchainError
+from pfq_edge.errors import ToolchainError, one_line
 
 EM_AARCH64, EM_X86_64 = 183, 62
 ELF_MACHINES = {EM_AARCH64: "AArch64", EM_X86_64: "x86-64"}
@@ -58,7 +58,7 @@ def target_dict(spec) -> dict:
     """The TVM target of a RuntimeSpec as a dict (CPU: llvm with mcpu/mtriple/mattr; GPU: cuda + its llvm host)."""
     cpu = {"kind": "llvm", "mcpu": host_cpu_name() if spec.mcpu == "host" else spec.mcpu}
     if spec.runs_here:  # MetaSchedule needs the core count of the machine it measures on
-        from pfq_edge.latency import resolve_threads
+        from pfq_edge.runners.latency import resolve_threads
 
         cpu["num-cores"] = resolve_threads(spec.threads)
     if spec.mtriple:
@@ -119,7 +119,7 @@ def _import_onnx(onnx_path: Path):
     try:
         return from_onnx(onnx.load(str(onnx_path)), keep_params_in_input=False)
     except Exception as exc:
-        raise ToolchainError(f"TVM cannot import {Path(onnx_path).name}: {_line(exc)}") from None
+        raise ToolchainError(f"TVM cannot import {Path(onnx_path).name}: {one_line(exc)}") from None
 
 
 def tuning_tasks(onnx_path: Path, spec) -> int:
@@ -218,16 +218,16 @@ def build_tvm(onnx_path: Path, spec, out_dir: Path, tuning_db: Path | None = Non
         try:
             mod, tuning = _tune(mod, target, spec.tune_trials, tuning_db or out_dir / "tvm_tuning", log)
         except Exception as exc:
-            raise ToolchainError(f"TVM MetaSchedule tuning failed: {_line(exc)}") from None
+            raise ToolchainError(f"TVM MetaSchedule tuning failed: {one_line(exc)}") from None
     try:
         executable = tvm.compile(mod, target=target)
     except Exception as exc:
-        raise ToolchainError(f"TVM cannot compile for {json.dumps(target_spec)}: {_line(exc)}") from None
+        raise ToolchainError(f"TVM cannot compile for {json.dumps(target_spec)}: {one_line(exc)}") from None
     library = Path(out_dir) / f"model.{'cuda' if spec.tvm_target == 'cuda' else spec.mtriple or 'host'}.so"
     try:
         executable.export_library(str(library), **({"cc": spec.cc} if spec.cc else {}))
     except Exception as exc:
-        raise ToolchainError(f"TVM export_library{f' with {spec.cc}' if spec.cc else ''} failed: {_line(exc)}") \
+        raise ToolchainError(f"TVM export_library{f' with {spec.cc}' if spec.cc else ''} failed: {one_line(exc)}") \
             from None
     elf = elf_info(library)
     expected = "AArch64" if (spec.mtriple or "").startswith("aarch64") else None
@@ -284,12 +284,7 @@ def _compile_device_code(executable, arch: str, target, out_dir: Path) -> dict:
         with target:
             fatbin = nvcc.compile_cuda(cuda.inspect_source(), target_format="fatbin", arch=arch, compiler="nvcc")
     except Exception as exc:
-        return {"compiled": False, "arch": arch, "compiler": f"nvcc {version}", "reason": _line(exc)}
+        return {"compiled": False, "arch": arch, "compiler": f"nvcc {version}", "reason": one_line(exc)}
     name = f"model.{arch}.fatbin"
     (out_dir / name).write_bytes(bytes(fatbin))
     return {"compiled": True, "arch": arch, "compiler": f"nvcc {version}", "file": name, "bytes": len(fatbin)}
-
-
-def _line(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return text[:240] if text else type(exc).__name__

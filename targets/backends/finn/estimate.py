@@ -3,7 +3,8 @@ network latency and throughput. No Vivado is needed or called.
 
 FINN assumes a FINN CLI session and a Vivado install; three things are set up in-process instead (toolchain.md):
 its global settings (FINN_BUILD_DIR inside our build folder), the Vivado simulator probe (``finn.xsi.SimEngine``
-set to None before the builder is imported) and ``get_vivado_root`` (asked for build metadata at the end).
+set to None before the builder is imported) and ``get_vivado_root`` (asked for build metadata at the end) — inside
+``finn_session``, which restores all three when the build is done.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pfq_edge.errors import ToolchainError
+from pfq_edge.errors import ToolchainError, first_line
+from pfq_edge.export.finn_build import write_finn_input_model
 from pfq_edge.progress import progress_bar
 
 RESOURCES = ("LUT", "BRAM_18K", "URAM", "DSP")
-PIXEL_INPUT = "pixels"
 
 
 @dataclass
@@ -44,45 +45,48 @@ class FinnEstimate:
         return asdict(self)
 
 
-def _finn_builder(build_dir: Path):
-    """Import FINN's builder with its settings pointed at ``build_dir`` and its Vivado probes disabled."""
+@contextlib.contextmanager
+def finn_session(build_dir: Path):
+    """FINN's builder, imported and set up for ``build_dir``, for the ``with`` block only: FINN_BUILD_DIR and
+    FINN_SETTINGS point into ``build_dir``, FINN's global settings are the dummy ones, its Vivado simulator probe and
+    ``get_vivado_root`` are disabled. On exit the environment, FINN's settings and both patches are restored.
+    Yields (finn.builder.build_dataflow, finn.builder.build_dataflow_config)."""
+    keys = ("FINN_BUILD_DIR", "FINN_SETTINGS")
+    saved_env = {k: os.environ.get(k) for k in keys}
     os.environ["FINN_BUILD_DIR"] = str(build_dir / "finn_tmp")
     os.environ["FINN_SETTINGS"] = str(build_dir / "finn_settings.yaml")  # absent: FINN falls back to defaults
     (build_dir / "finn_tmp").mkdir(parents=True, exist_ok=True)
     import finn.util.settings as finn_settings
     import finn.xsi
 
-    finn_settings.initialize_dummy_settings()
-    finn.xsi.SimEngine = None
-    import finn.builder.build_dataflow as build_dataflow
-    import finn.builder.build_dataflow_config as config
+    saved_settings = finn_settings._SETTINGS  # FINN keeps its settings in this module global
+    saved_sim = vars(finn.xsi).get("SimEngine", _UNSET)  # a lazy attribute: read it without loading the simulator
+    try:
+        finn_settings.initialize_dummy_settings()
+        finn.xsi.SimEngine = None  # before build_dataflow_steps is imported: it binds SimEngine at import
+        import finn.builder.build_dataflow as build_dataflow
+        import finn.builder.build_dataflow_config as config
 
-    build_dataflow.get_vivado_root = lambda: "none"  # only used for metadata; no Vivado here
-    return build_dataflow, config
+        saved_root = build_dataflow.get_vivado_root
+        build_dataflow.get_vivado_root = lambda: "none"  # only used for metadata; no Vivado here
+        try:
+            yield build_dataflow, config
+        finally:
+            build_dataflow.get_vivado_root = saved_root
+    finally:
+        finn_settings._SETTINGS = saved_settings
+        if saved_sim is _UNSET:
+            vars(finn.xsi).pop("SimEngine", None)
+        else:
+            finn.xsi.SimEngine = saved_sim
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-def prepare_for_finn(qonnx_path: Path, out_path: Path, input_bits: int) -> Path:
-    """Copy of the QONNX model whose input is integer pixels (UINT<input_bits>), scaled by a leading Mul.
-
-    FINN needs an integer network input; our models take pixels / (2^bits − 1), so the Mul restores that scale
-    and FINN's streamlining absorbs it into the first thresholds.
-    """
-    from onnx import TensorProto, helper
-    from qonnx.core.datatype import DataType
-    from qonnx.core.modelwrapper import ModelWrapper
-
-    model = ModelWrapper(str(qonnx_path))
-    graph = model.graph
-    old = graph.input[0]
-    shape = [d.dim_value for d in old.type.tensor_type.shape.dim]
-    graph.initializer.append(helper.make_tensor("pixel_scale", TensorProto.FLOAT, [], [1.0 / (2 ** input_bits - 1)]))
-    graph.node.insert(0, helper.make_node("Mul", [PIXEL_INPUT, "pixel_scale"], [old.name], name="Mul_pixel_scale"))
-    graph.input.remove(old)
-    graph.input.insert(0, helper.make_tensor_value_info(PIXEL_INPUT, TensorProto.FLOAT, shape))
-    graph.value_info.append(helper.make_tensor_value_info(old.name, TensorProto.FLOAT, shape))
-    model.set_tensor_datatype(PIXEL_INPUT, DataType[f"UINT{input_bits}"])
-    model.save(str(out_path))
-    return out_path
+_UNSET = object()
 
 
 def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path) -> FinnEstimate:
@@ -94,10 +98,10 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path) -> F
     build_dir = Path(build_dir).resolve()
     out_dir = build_dir / "finn"
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = prepare_for_finn(qonnx_path, build_dir / "model_finn_input.onnx", input_bits)
+    model_path = write_finn_input_model(qonnx_path, build_dir / "model_finn_input.onnx", input_bits)
     log_path = out_dir / "build.log"
-    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        build_dataflow, config = _finn_builder(build_dir)
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
+            finn_session(build_dir) as (build_dataflow, config):
         from finn.builder import build_dataflow_steps as steps_lib
 
         names = list(config.estimate_only_dataflow_steps)
@@ -115,7 +119,7 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path) -> F
             try:
                 rc = build_dataflow.build_dataflow_cfg(str(model_path), cfg)
             except Exception as exc:  # FINN re-raises under pytest; otherwise it returns -1 (handled below)
-                raise ToolchainError(f"FINN estimate build failed: {str(exc).strip().splitlines()[0][:200]}") from None
+                raise ToolchainError(f"FINN estimate build failed: {first_line(exc, 200)}") from None
     if rc != 0:
         kept = _keep_log(log_path)
         raise ToolchainError(f"FINN estimate build failed: {finn_error(log_path)} (FINN's log: {kept})")
@@ -170,27 +174,3 @@ def read_estimates(report_dir: Path, fpga) -> FinnEstimate:
         throughput_fps=1e6 / (perf["max_cycles"] * period_us),
         folding=folding, report_dir=str(report_dir),
     )
-
-
-FINN_BUILD_OUTPUTS = ("estimate_reports", "stitched_ip", "bitfile", "pynq_driver", "deployment_package")
-
-
-def write_finn_build_config(qonnx_path: Path, fpga, input_bits: int, folding: dict, folder: Path) -> list[Path]:
-    """A FINN build to continue where Vivado exists: ``folder``/model.onnx (the QONNX model with its integer pixel
-    input), folding_config.json (the folding this estimate chose, so the bitfile matches it) and
-    dataflow_build_config.json (FINN's own DataflowBuildConfig: board, part, clock, every output up to the PYNQ
-    deployment package; paths relative to the folder). Run ``finn build dataflow_build_config.json model.onnx`` in
-    it. Returns the three paths."""
-    from finn.builder.build_dataflow_config import DataflowBuildConfig, DataflowOutputType, ShellFlowType
-
-    folder.mkdir(parents=True, exist_ok=True)
-    model = prepare_for_finn(qonnx_path, folder / "model.onnx", input_bits)
-    (folder / "folding_config.json").write_text(json.dumps(folding, indent=2, sort_keys=True) + "\n")
-    cfg = DataflowBuildConfig(output_dir="output", model_path=Path("model.onnx"),
-                              synth_clk_period_ns=1000.0 / fpga.clock_mhz, board=fpga.board, fpga_part=fpga.part,
-                              shell_flow_type=ShellFlowType.VIVADO_ZYNQ,
-                              folding_config_file=Path("folding_config.json"),
-                              generate_outputs=[DataflowOutputType(x) for x in FINN_BUILD_OUTPUTS])
-    doc = json.loads(cfg.to_json())
-    (folder / "dataflow_build_config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    return [model, folder / "folding_config.json", folder / "dataflow_build_config.json"]

@@ -8,7 +8,7 @@ seconds are reached; the median, p90, min and spread are reported with the threa
 Engines: ``tvm`` (a library from ``export_library``), ``onnxruntime`` (an ONNX file, at a graph-optimization level:
 "all" is its default), ``torch`` (a ``torch.export`` archive run eagerly).
 
-The worker is this module: ``python -m pfq_edge.latency {time,run} --engine E --model F --inputs X.npy …``.
+The worker is this module: ``python -m pfq_edge.runners.latency {time,run} --engine E --model F --inputs X.npy …``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def load_engine(engine: str, model: Path, threads: int, ort_level: str = "all"):
         main = vm["main"]
         return lambda x: main(tvm.runtime.tensor(x, device)).numpy()
     if engine == "onnxruntime":
-        from pfq_edge.export.qcdq import ort_session
+        from pfq_edge.runners.onnx import ort_session
 
         session = ort_session(model, ort_level, threads)
         name = session.get_inputs()[0].name
@@ -92,7 +92,7 @@ def _thread_env(threads: int) -> dict:
 def _worker(args: list[str], threads: int, timeout_s: float) -> str:
     from pfq_edge.errors import ToolchainError
 
-    cmd = [sys.executable, "-m", "pfq_edge.latency", *args]
+    cmd = [sys.executable, "-m", "pfq_edge.runners.latency", *args]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=_thread_env(threads), timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -133,13 +133,24 @@ def run_outputs(engine: str, model: Path, images: np.ndarray, batch_size: int, t
         return np.load(y)
 
 
+def torch_export_archive(model, x: np.ndarray, folder: Path) -> Path:
+    """``model`` (eval mode) as a ``torch.export`` archive ``folder``/model.pt2 for inputs like ``x`` (B, C, H, W),
+    the form the torch engine loads in its worker."""
+    import torch
+
+    path = Path(folder) / "model.pt2"
+    with torch.no_grad():
+        torch.export.save(torch.export.export(model.eval(), (torch.from_numpy(x),)), str(path))
+    return path
+
+
 def resolve_threads(threads: int) -> int:
     """A profile's ``threads``: 0 means every core of this machine."""
     return threads or os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pfq_edge.latency", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m pfq_edge.runners.latency", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["time", "run"])
     ap.add_argument("--engine", choices=ENGINES, required=True)

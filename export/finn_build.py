@@ -1,0 +1,66 @@
+"""Files for FINN: the QONNX model with FINN's integer pixel input, the FINN build configuration that continues
+this estimate where Vivado exists, and the copy of FINN's estimate reports into the output folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+PIXEL_INPUT = "pixels"
+FINN_BUILD_OUTPUTS = ("estimate_reports", "stitched_ip", "bitfile", "pynq_driver", "deployment_package")
+RUN_TO_RUN = ("time_per_step.json", "build.log")  # wall times and timestamps: kept beside the package, not in it
+
+
+def write_finn_input_model(qonnx_path: Path, out_path: Path, input_bits: int) -> Path:
+    """Copy of the QONNX model whose input is integer pixels (UINT<input_bits>), scaled by a leading Mul.
+
+    FINN needs an integer network input; our models take pixels / (2^bits − 1), so the Mul restores that scale
+    and FINN's streamlining absorbs it into the first thresholds.
+    """
+    from onnx import TensorProto, helper
+    from qonnx.core.datatype import DataType
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    model = ModelWrapper(str(qonnx_path))
+    graph = model.graph
+    old = graph.input[0]
+    shape = [d.dim_value for d in old.type.tensor_type.shape.dim]
+    graph.initializer.append(helper.make_tensor("pixel_scale", TensorProto.FLOAT, [], [1.0 / (2 ** input_bits - 1)]))
+    graph.node.insert(0, helper.make_node("Mul", [PIXEL_INPUT, "pixel_scale"], [old.name], name="Mul_pixel_scale"))
+    graph.input.remove(old)
+    graph.input.insert(0, helper.make_tensor_value_info(PIXEL_INPUT, TensorProto.FLOAT, shape))
+    graph.value_info.append(helper.make_tensor_value_info(old.name, TensorProto.FLOAT, shape))
+    model.set_tensor_datatype(PIXEL_INPUT, DataType[f"UINT{input_bits}"])
+    model.save(str(out_path))
+    return out_path
+
+
+def write_finn_reports(report_dir: Path, build_log: Path, folder: Path) -> tuple[list[Path], list[Path]]:
+    """Copy FINN's estimate reports (``report_dir``) and its ``build_log`` into ``folder``. Returns (files for the
+    package, files kept beside it: RUN_TO_RUN)."""
+    shutil.copytree(report_dir, folder)
+    shutil.copy(build_log, folder / "build.log")
+    files = sorted(folder.iterdir())
+    return [f for f in files if f.name not in RUN_TO_RUN], [f for f in files if f.name in RUN_TO_RUN]
+
+
+def write_finn_build_config(qonnx_path: Path, fpga, input_bits: int, folding: dict, folder: Path) -> list[Path]:
+    """A FINN build to continue where Vivado exists: ``folder``/model.onnx (the QONNX model with its integer pixel
+    input), folding_config.json (the folding this estimate chose, so the bitfile matches it) and
+    dataflow_build_config.json (FINN's own DataflowBuildConfig: board, part, clock, every output up to the PYNQ
+    deployment package; paths relative to the folder). Run ``finn build dataflow_build_config.json model.onnx`` in
+    it. Returns the three paths. Needs FINN imported for its config class (inside ``finn_session``)."""
+    from finn.builder.build_dataflow_config import DataflowBuildConfig, DataflowOutputType, ShellFlowType
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = write_finn_input_model(qonnx_path, folder / "model.onnx", input_bits)
+    (folder / "folding_config.json").write_text(json.dumps(folding, indent=2, sort_keys=True) + "\n")
+    cfg = DataflowBuildConfig(output_dir="output", model_path=Path("model.onnx"),
+                              synth_clk_period_ns=1000.0 / fpga.clock_mhz, board=fpga.board, fpga_part=fpga.part,
+                              shell_flow_type=ShellFlowType.VIVADO_ZYNQ,
+                              folding_config_file=Path("folding_config.json"),
+                              generate_outputs=[DataflowOutputType(x) for x in FINN_BUILD_OUTPUTS])
+    doc = json.loads(cfg.to_json())
+    (folder / "dataflow_build_config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return [model, folder / "folding_config.json", folder / "dataflow_build_config.json"]

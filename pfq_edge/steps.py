@@ -1,0 +1,442 @@
+"""Named compile steps: the ``Step`` contract, the shared front end (load → prune → quantize → finetune) and the
+package step that ends every target. A backend's own steps (targets/backends/) follow the same contract.
+
+A step is ``run(c: Compilation) -> StepResult``: it reads the models and earlier results it ``requires`` from
+``c``, does one thing, runs the golden checks it declares (tolerances: ``pfq_edge.golden.TOLERANCES``) and returns
+its typed result, which the pipeline stores in ``c.results[name]``. ``reads`` names the profile sections its result
+depends on: ``--from-step`` reuses a step's result only if these (and the model, weights and data) are unchanged.
+``restore`` rebuilds, on resume, the in-memory state the step leaves behind (a model) from its result and the
+files it saved under ``steps/``.
+
+A new step: write its function and result here (or in its backend), add a ``Step`` to the list it belongs to
+(``FRONT_END`` or a backend's ``steps``), declare its golden checks in ``TOLERANCES``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar
+
+from pfq_edge.compilation import Compilation, Dataset, InputSpec, StepResult
+from pfq_edge.errors import ModelError, ProfileError, one_line
+from pfq_edge.golden import GoldenResult
+
+CALIBRATION_IMAGES = 1024
+GOLDEN_IMAGES = 256
+
+
+@dataclass(frozen=True)
+class Step:
+    """One named step (see the module docstring)."""
+
+    name: str
+    run: Callable[[Compilation], StepResult]
+    requires: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+    golden: tuple[str, ...] = ()
+    restore: Callable[[Compilation, Path], None] | None = None
+    save: Callable[[Compilation, Path], None] | None = None
+
+    @property
+    def summary(self) -> str:
+        return " ".join((self.run.__doc__ or "").strip().split("\n\n")[0].split())
+
+
+# --- load ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadResult(StepResult):
+    step: ClassVar[str] = "load"
+    model: str
+    weights: str | None
+    parameters: int
+    train_images: int
+    validation_images: int
+    test_images: int
+    float_top1: float
+
+    def report(self) -> dict:
+        return {"model": self.model, "weights": self.weights, "parameters": self.parameters,
+                "train_images": self.train_images, "validation_images": self.validation_images,
+                "test_images": self.test_images}
+
+    @property
+    def accuracy(self) -> dict[str, float]:
+        return {"float": self.float_top1}
+
+
+def load(c: Compilation) -> LoadResult:
+    """Load the float model and Fashion-MNIST, hold out the validation images, check the model's input and output
+    shapes and layers, and measure float top-1 on the test set."""
+    from pfq_edge.train import predict, top1
+
+    weights = _load_inputs(c)
+    c.float_logits = predict(c.float_model, c.data.test.images)  # reused by the prune check
+    return LoadResult(model=c.config.model, weights=str(weights) if weights else None,
+                      parameters=sum(p.numel() for p in c.float_model.parameters()), train_images=len(c.data.train),
+                      validation_images=c.profile.finetune.validation_images, test_images=len(c.data.test),
+                      float_top1=top1(c.float_logits, c.data.test))
+
+
+def _load_inputs(c: Compilation):
+    """Model, dataset and input spec into ``c`` (unless a caller set them); returns the weights file used."""
+    from pfq_edge.data import CLASSES, Split, load_split
+    from pfq_edge.zoo import load_model
+
+    weights = c.config.weights
+    if c.float_model is None:
+        loaded = load_model(c.config.model, c.config.weights)
+        c.float_model, weights = loaded.module, loaded.weights
+    if c.data is None:
+        train, test = load_split("train", c.config.data_dir), load_split("test", c.config.data_dir)
+        n_val = c.profile.finetune.validation_images
+        val = None
+        if n_val:
+            if n_val >= len(train):
+                raise ProfileError(f"finetune.validation_images = {n_val} leaves no training images (split has "
+                                   f"{len(train)})")
+            keep = len(train) - n_val
+            train, val = Split(train.images[:keep], train.labels[:keep]), Split(train.images[keep:],
+                                                                                 train.labels[keep:])
+        c.data = Dataset("fashion-mnist", train=train, test=test, val=val)
+    if c.spec is None:
+        c.spec = InputSpec(tuple(c.data.test.images.shape[1:]), tuple(CLASSES))
+    check_layers(c.float_model, c.config.model)
+    check_io(c.float_model, c.config.model, c.data.test.images[:2], c.spec.num_classes)
+    return weights
+
+
+def _restore_load(c: Compilation, _state: Path) -> None:
+    _load_inputs(c)
+
+
+SUPPORTED_WEIGHT_LAYERS = ("Conv2d", "Linear", "BatchNorm2d")
+
+
+def check_layers(model, name: str) -> None:
+    """Every layer with weights must be one pfq-edge prunes and quantizes (Conv2d, Linear, BatchNorm2d, or a
+    Brevitas layer); raises ModelError naming the first other one, before any work."""
+    import torch
+
+    for layer, mod in model.named_modules():
+        if type(mod).__module__.startswith("brevitas") or isinstance(
+                mod, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d)):
+            continue
+        if any(True for _ in mod.parameters(recurse=False)):
+            raise ModelError(f"model {name!r}: layer {layer!r} ({type(mod).__name__}) is not supported; pfq-edge "
+                             f"prunes and quantizes CNNs built from {', '.join(SUPPORTED_WEIGHT_LAYERS)} (plus "
+                             f"activations, pooling, flatten, add)")
+
+
+def check_io(model, name: str, x, num_classes: int) -> None:
+    """The model must map images ``x`` (N, C, H, W) to (N, num_classes) logits; raises ModelError otherwise."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            y = model(x)
+    except Exception as exc:
+        layer = _unquantized_input_layer(model)
+        if layer is not None:  # shared/cases 7: a Brevitas layer with an int32 bias and a float input
+            raise ModelError(f"model {name!r}: layer {layer!r} has an int32-quantized bias but its input is not "
+                             f"quantized; give pfq-edge the float model (it inserts an 8-bit input quantizer) or "
+                             f"put an input quantizer before {layer!r}") from None
+        raise ModelError(f"model {name!r} fails on input of shape {tuple(x.shape)}: {one_line(exc, 160)}") from None
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (len(x), num_classes):
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ModelError(f"model {name!r} returns {shape} for input {tuple(x.shape)}; expected ({len(x)}, "
+                         f"{num_classes}) logits")
+
+
+def _unquantized_input_layer(model) -> str | None:
+    """The first Brevitas layer whose bias quantizer needs an input scale that nothing provides, if any."""
+    for name, mod in model.named_modules():
+        bias_quant, input_quant = getattr(mod, "bias_quant", None), getattr(mod, "input_quant", None)
+        if getattr(bias_quant, "requires_input_scale", False) and not getattr(input_quant, "is_quant_enabled", True):
+            return name
+    return None
+
+
+# --- prune --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PruneResult(StepResult):
+    step: ClassVar[str] = "prune"
+    rule: str
+    filters_removed: int
+    constant_total: int
+    exact: bool
+    analysis: dict = field(default_factory=dict)   # PfqAnalysis.as_dict(): per-layer rows, groups, warnings
+    guard: GoldenResult | None = None
+    golden: GoldenResult | None = None
+    pfq_top1: float | None = None
+
+    def report(self) -> dict:
+        if self.rule == "off":
+            return {"rule": "off", "filters_removed": 0, "constant_total": 0, "exact": True}
+        out = {**self.analysis, "exact": self.exact}
+        for key in ("guard", "golden"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key).as_dict()
+        return out
+
+    @property
+    def accuracy(self) -> dict[str, float]:
+        return {} if self.pfq_top1 is None else {"pfq_float": self.pfq_top1}
+
+
+def prune_golden_check(stage: str, reference, candidate, exact: bool) -> GoldenResult:
+    """Pruned vs original float logits: every image within 1e-4 when the removal is exact, else ≥ 99% top-1
+    agreement (the zero-padded borders differ). Raises GoldenCheckError; used by compile and `prune --check`."""
+    from pfq_edge.golden import check
+
+    return check("prune exact" if exact else "prune approximate", stage, reference, candidate)
+
+
+def prune(c: Compilation) -> PruneResult:
+    """PfQ with the profile's rule: find constant filters, remove them with compensation, check the pruned float
+    model — rule "exact": golden check on the test images; rule "bn-epsilon": the data guard on the calibration
+    images (top-1 agreement ≥ pfq.min_agreement); rule "off": nothing removed."""
+    from pfq_edge.golden import check
+    from pfq_edge.train import predict, top1
+
+    pfq, test = c.profile.pfq, c.data.test
+    if pfq.rule == "off":
+        c.pruned_model = c.float_model
+        return PruneResult(rule="off", filters_removed=0, constant_total=0, exact=True)
+    analysis = _apply_pfq(c)
+    exact = all(g.exact for g in analysis.plan.groups)
+    result = PruneResult(rule=pfq.rule, filters_removed=analysis.plan.filters_removed,
+                         constant_total=analysis.constant_total, exact=exact, analysis=analysis.as_dict())
+    if pfq.rule == "bn-epsilon":
+        calib = c.data.train.images[:CALIBRATION_IMAGES]
+        result.guard = check("bn-epsilon guard", f"PfQ rule bn-epsilon data guard (pruned vs original float on "
+                             f"{len(calib)} calibration images)", predict(c.float_model, calib).numpy(),
+                             predict(c.pruned_model, calib).numpy(), min_agreement=pfq.min_agreement)
+    pruned_logits = predict(c.pruned_model, test.images)
+    if pfq.rule == "exact":
+        ref = c.float_logits if c.float_logits is not None else predict(c.float_model, test.images)
+        result.golden = prune_golden_check("prune (PfQ float vs original float)", ref.numpy(), pruned_logits.numpy(),
+                                           exact)
+    result.pfq_top1 = top1(pruned_logits, test)
+    return result
+
+
+def _apply_pfq(c: Compilation):
+    """c.pruned_model = PfQ of c.float_model with the profile's rule (deterministic: BN statistics only)."""
+    from pfq_edge.pfq.analyze import analyze_pfq
+
+    pfq = c.profile.pfq
+    c.pruned_model, analysis = analyze_pfq(c.float_model, c.data.test.images[:1],
+                                           bits=c.profile.quant.weight_bit_width, tol=pfq.tol, rule=pfq.rule)
+    return analysis
+
+
+def _restore_prune(c: Compilation, _state: Path) -> None:
+    if c.profile.pfq.rule == "off":
+        c.pruned_model = c.float_model
+    else:
+        _apply_pfq(c)
+
+
+# --- quantize -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class QuantizeResult(StepResult):
+    step: ClassVar[str] = "quantize"
+    settings: dict
+    calibration_images: int
+    size: dict          # quantize.weight_bits(): weight_bits, bias_params, zero_weight_fraction, layers
+    ptq_top1: float
+
+    def report(self) -> dict:
+        return {**self.settings, "calibration_images": self.calibration_images, **self.size}
+
+    @property
+    def accuracy(self) -> dict[str, float]:
+        return {"quantized_ptq": self.ptq_top1}
+
+
+def quantize(c: Compilation) -> QuantizeResult:
+    """Fold BN (or keep it), optionally equalize, insert Brevitas quantizers at the profile's bit widths,
+    calibrate, optionally correct biases, measure PTQ top-1."""
+    from pfq_edge.quantize import calibrate, correct_bias, quantize_model, weight_bits
+    from pfq_edge.train import accuracy
+
+    spec = c.profile.quant
+    c.qmodel = quantize_model(c.pruned_model, spec)
+    calib = c.data.train.images[:CALIBRATION_IMAGES]
+    calibrate(c.qmodel, calib)
+    if spec.bias_correction:
+        correct_bias(c.qmodel, calib)
+    return QuantizeResult(settings=spec.model_dump(), calibration_images=CALIBRATION_IMAGES,
+                          size=weight_bits(c.qmodel), ptq_top1=accuracy(c.qmodel, c.data.test))
+
+
+QUANTIZED_STATE = "quantized.safetensors"
+FINETUNED_STATE = "finetuned.safetensors"
+
+
+def _save_qmodel(name: str):
+    def save(c: Compilation, state: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().contiguous().clone() for k, v in c.qmodel.state_dict().items()}
+        save_file(tensors, str(state / name))
+    return save
+
+
+def _load_qmodel(c: Compilation, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    try:
+        c.qmodel.load_state_dict(load_file(str(path)), strict=True)
+    except Exception as exc:  # a missing, truncated or foreign file: the saved steps cannot be reused
+        raise ModelError(f"cannot restore the quantized model from {path}: {one_line(exc, 160)}") from None
+    c.qmodel.eval()
+
+
+def _restore_quantize(c: Compilation, state: Path) -> None:
+    from pfq_edge.quantize import quantize_model
+
+    c.qmodel = quantize_model(c.pruned_model, c.profile.quant)
+    _load_qmodel(c, state / QUANTIZED_STATE)
+
+
+# --- finetune -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class FinetuneResult(StepResult):
+    step: ClassVar[str] = "finetune"
+    skipped: bool
+    settings: dict = field(default_factory=dict)
+    images_per_epoch: int = 0
+    processes: int = 1
+    loss: list = field(default_factory=list)
+    validation_top1: list = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_early: bool = False
+    resumed_after_epoch: int = 0
+    finetuned_top1: float | None = None
+
+    def report(self) -> dict:
+        if self.skipped:
+            return {"skipped": True, "epochs": 0}
+        s = self.settings
+        return {**s, "optimizer": f"Adam, {s['schedule']} LR", "images_per_epoch": self.images_per_epoch,
+                "processes": self.processes, "loss": self.loss, "validation_top1": self.validation_top1,
+                "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
+                "resumed_after_epoch": self.resumed_after_epoch}
+
+    @property
+    def accuracy(self) -> dict[str, float]:
+        return {} if self.finetuned_top1 is None else {"finetuned": self.finetuned_top1}
+
+
+def finetune(c: Compilation) -> FinetuneResult:
+    """Quantization-aware fine-tuning with the profile's ``finetune`` settings (Adam, LR schedule, optional
+    distillation from the float model, early stop on the validation images, checkpoint/resume)."""
+    from pfq_edge import dist
+    from pfq_edge.train import TrainConfig, accuracy, set_seed, train
+
+    ft = c.profile.finetune
+    if ft.epochs == 0:
+        return FinetuneResult(skipped=True)
+    set_seed(ft.seed)
+    tc = TrainConfig(epochs=ft.epochs, lr=ft.lr, weight_decay=ft.weight_decay, batch_size=ft.batch_size,
+                     seed=ft.seed, max_samples=ft.train_samples or None, schedule=ft.schedule,
+                     distill_alpha=ft.distill_alpha, distill_temperature=ft.distill_temperature, patience=ft.patience)
+    run = train(c.qmodel, c.data.train, tc, description="QAT fine-tuning", teacher=c.float_model,
+                validation=c.data.val, checkpoint=c.config.checkpoint, checkpoint_key=run_key(c),
+                resume=c.config.resume)
+    return FinetuneResult(skipped=False, settings=ft.model_dump(),
+                          images_per_epoch=min(ft.train_samples or len(c.data.train), len(c.data.train)),
+                          processes=dist.rank_and_world()[1], loss=run.losses, validation_top1=run.val_top1,
+                          best_epoch=run.best_epoch, stopped_early=run.stopped_early,
+                          resumed_after_epoch=run.resumed_after_epoch, finetuned_top1=accuracy(c.qmodel, c.data.test))
+
+
+def training_facts(c: Compilation) -> dict:
+    """What the fine-tuned model depends on: model, weights, training-set size and the front end's settings."""
+    return {"model": c.config.model, "weights": str(c.config.weights), "train": len(c.data.train),
+            **{k: getattr(c.profile, k).model_dump() for k in ("quant", "pfq", "finetune")}}
+
+
+def run_key(c: Compilation) -> str:
+    """Identity of a fine-tuning run for its checkpoint (``training_facts``, hashed)."""
+    return hashlib.sha256(json.dumps(training_facts(c), sort_keys=True).encode()).hexdigest()
+
+
+def _restore_finetune(c: Compilation, state: Path) -> None:
+    if not c.result("finetune").skipped:
+        _load_qmodel(c, state / FINETUNED_STATE)
+
+
+def _save_finetuned(c: Compilation, state: Path) -> None:
+    if not c.result("finetune").skipped:
+        _save_qmodel(FINETUNED_STATE)(c, state)
+
+
+FRONT_END = [
+    Step("load", load, reads=("finetune.validation_images",), restore=_restore_load),
+    Step("prune", prune, requires=("load",), reads=("pfq", "quant.weight_bit_width"),
+         golden=("prune exact", "prune approximate", "bn-epsilon guard"), restore=_restore_prune),
+    Step("quantize", quantize, requires=("prune",), reads=("quant",), restore=_restore_quantize,
+         save=_save_qmodel(QUANTIZED_STATE)),
+    Step("finetune", finetune, requires=("quantize",), reads=("finetune",), restore=_restore_finetune,
+         save=_save_finetuned),
+]
+
+
+# --- package ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PackageResult(StepResult):
+    step: ClassVar[str] = "package"
+    archive: str
+
+
+def package(c: Compilation) -> PackageResult:
+    """report.json, report.md, plots/, and the deterministic deployment archive: the model artefacts, the report,
+    a device README, run.py, SHA256SUMS and manifest.json (export/package.py, export/outputs.py)."""
+    from pfq_edge.export.outputs import write_report
+    from pfq_edge.export.package import write_package
+    from pfq_edge.report import report_document
+    from pfq_edge.targets.backends import backend_for
+
+    backend = backend_for(c.profile.kind)
+    result = PackageResult(archive=f"pfq-edge-{_slug(c.config.model)}-{c.profile.name}.tar.gz")
+    c.results["package"] = result  # report.json lists the archive
+    files = write_report(report_document(c), c.work)
+    write_package(c.work, result.archive, {**c.artefacts, **files}, manifest_info(c, backend),
+                  backend.device_readme)
+    return result
+
+
+def manifest_info(c: Compilation, backend) -> dict:
+    """The manifest fields that describe this compile (export/package.py, ``Manifest``); the backend adds its
+    latency, runtime and size entries."""
+    from pfq_edge.export.package import state_dict_sha256
+
+    prune_result, quant = c.result("prune"), c.result("quantize")
+    size = {"weight_bits": quant.size["weight_bits"], "bias_params": quant.size["bias_params"],
+            "onnx_bytes": c.result("export").bytes}
+    target = backend.manifest(c)
+    runtime = {**target["runtime"], "input_shape": list(c.spec.shape)}
+    return {"model": {"name": c.config.model, "weights": Path(c.config.weights).name if c.config.weights else None,
+                      "source_sha256": state_dict_sha256(c.float_model)},
+            "target": c.profile.name, "kind": c.profile.kind,
+            "profile": c.profile.model_dump(exclude={"source"}), "bits": backend.bits_label(c.profile.quant),
+            "pfq": {k: getattr(prune_result, k) for k in ("rule", "filters_removed", "constant_total", "exact")},
+            "accuracy": c.accuracy, "golden": [g.as_dict() for g in c.golden_checks()], "latency": target["latency"],
+            "size": {**size, **target.get("size", {})}, "runtime": runtime, "classes": list(c.spec.classes)}
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text)
+
+
+PACKAGE = Step("package", package, requires=("export",))

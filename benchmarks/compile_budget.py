@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/compile_budget.py [--target fpga] [--repeats-help 5]
 
 Each measurement runs in its own process (peak RSS from getrusage of that child). Writes
-benchmarks/results/compile_budget.{json,md}. Budgets (README): compile ≤ 600 s and ≤ 4 GiB on 2 cores;
+benchmarks/results/compile_budget.{json,md}. Budgets (docs/benchmarks.md): compile ≤ 600 s and ≤ 4 GiB on 2 cores;
 ``--help`` ≤ 2 s.
 """
 

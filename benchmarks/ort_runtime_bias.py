@@ -1,5 +1,5 @@
 """onnxruntime's fused QDQ 1×1 conv with a float bias given at run time: the fact behind export/qcdq.py's
-``_constant_initializers`` (README, "CPU/GPU targets"), as a one-conv model anyone can run.
+``_constant_initializers`` (docs/cpu-gpu.md, "onnxruntime's optimization levels"), as a one-conv model anyone can run.
 
     .venv/bin/python benchmarks/ort_runtime_bias.py      # writes benchmarks/results/ort_runtime_bias.md
 

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/pfq_accuracy.py --quick         # re-check: 2 models, W4A4/W3A3, 3 methods, 1 seed
     .venv/bin/python benchmarks/pfq_accuracy.py --smoke --out /tmp/x   # seconds; what CI runs
 
-Every run goes through the compile's own stages (``pipeline.ACCURACY_STAGES``: load → prune → quantize → finetune)
+Every run goes through the compile's own stages (``steps.FRONT_END``: load → prune → quantize → finetune)
 with profile overrides, so a method here is exactly what ``pfq-edge compile`` does with the same options:
 
     qat           plain QAT, no PfQ                           --pfq-rule off
@@ -59,8 +59,10 @@ def _run(task: dict) -> dict:
 
     from pfq_edge.data import load_split
     from pfq_edge.errors import PfqError
-    from pfq_edge.pipeline import ACCURACY_STAGES, CompileConfig, State, effective_profile, run_stages
-    from pfq_edge.report import Report
+    from pfq_edge.compilation import Compilation, CompileConfig, Dataset, InputSpec
+    from pfq_edge.data import CLASSES
+    from pfq_edge.pipeline import effective_profile, run_steps
+    from pfq_edge.steps import FRONT_END
 
     from pfq_edge.train import predict
     from pfq_edge.zoo import load_model
@@ -81,15 +83,17 @@ def _run(task: dict) -> dict:
                      "seed": task["seed"], **method.get("finetune", {})},
     }
     cfg = CompileConfig(model=task["model"], target="fpga", out=Path("unused"), overrides=overrides)
-    state = State(cfg=cfg, profile=effective_profile(cfg), report=Report(task["model"], "fpga"), work=Path("."),
-                  data={"train": _DATA["train"], "test": test, "float_logits": float_logits}, float_model=float_model)
+    c = Compilation(config=cfg, profile=effective_profile(cfg), work=Path("."), final=Path("unused"),
+                    spec=InputSpec(tuple(test.images.shape[1:]), CLASSES),
+                    data=Dataset("fashion-mnist", train=_DATA["train"], test=test), float_model=float_model,
+                    float_logits=float_logits)
     t0 = time.perf_counter()
     record = {k: task[k] for k in ("model", "bits", "method", "seed")}
     try:
-        stages = run_stages(state, ACCURACY_STAGES).report.stages
+        run_steps(c, FRONT_END)
     except PfqError as exc:  # the bn-epsilon data guard refusing is a result, not a crash
         return {**record, "refused": str(exc), "wall_s": round(time.perf_counter() - t0, 1)}
-    acc, quant, prune = stages["accuracy"], stages["quantize"], stages["prune"]
+    acc, quant, prune = c.accuracy, c.result("quantize").report(), c.result("prune").report()
     return {**record, "float_top1": acc["float"], "pfq_float_top1": acc.get("pfq_float", acc["float"]),
             "ptq_top1": acc["quantized_ptq"], "top1": acc.get("finetuned", acc["quantized_ptq"]),
             "weight_bits": quant["weight_bits"], "zero_weight_fraction": quant["zero_weight_fraction"],

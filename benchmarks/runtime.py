@@ -5,7 +5,7 @@ vs onnxruntime (vs torch eager for reference), per model × batch × precision.
     .venv/bin/python benchmarks/runtime.py --quick                 # default CNN, batch 1, W8A8, 8 trials
 Tuning runs one MetaSchedule round per task (fused kernel: 13 in the default CNN, 51 in EfficientNet-Lite0), ~10 s
 each on 2 cores plus ~1 min of start-up per configuration, so the default tunes the default CNN at batch 1 (W8A8,
-W4A4; 32 trials ≈ 2.5 per task) only. Every row tuned at 3 trials per task, the README's table (~0.5 h and ~1.4 h):
+W4A4; 32 trials ≈ 2.5 per task) only. Every row tuned at 3 trials per task, the table in docs/benchmarks.md (~0.5 h and ~1.4 h):
     .venv/bin/python benchmarks/runtime.py --models fashion-dscnn --tune-batches 1,32 \
         --tune-precisions float,W8A8,W4A4 --tune-trials-per-task 3 --name runtime_dscnn_tuned
     .venv/bin/python benchmarks/runtime.py --models efficientnet-lite0 --tune-models efficientnet-lite0 \
@@ -16,10 +16,10 @@ the results files as they finish. Narrow it with:
 
 Each configuration goes through the compile's own pieces: PfQ (exact rule) → Brevitas quantization (the cpu-x86
 profile's settings at the row's bit widths) calibrated on 256 test images (no fine-tuning: latency does not depend on
-it) → QCDQ export at a static batch → TVM build (``export/tvm.py``); "float" is the pruned float model exported with
-torch.onnx. Every engine is timed in its own process by ``pfq_edge.latency`` (warm-up dropped, ≥ 1 s of calls,
+it) → QCDQ export at a static batch → TVM build (``targets/backends/tvm/build.py``); "float" is the pruned float model exported with
+torch.onnx. Every engine is timed in its own process by ``pfq_edge.runners.latency`` (warm-up dropped, ≥ 1 s of calls,
 median). onnxruntime runs at the highest graph-optimization level that computes the model (≥ 99% top-1 agreement with
-the graph as written on those images, the compile's own criterion; see README, "CPU/GPU targets"); the level is a
+the graph as written on those images, the compile's own criterion; see docs/cpu-gpu.md, "onnxruntime's optimization levels"); the level is a
 column. The script does nothing in parallel.
 """
 
@@ -73,8 +73,7 @@ def _onnx(pruned, precision: str, batch: int, images, folder: Path) -> Path:
 
 def _ort_level(path: Path, images) -> str:
     """onnxruntime's highest optimization level that computes the model (the compile's own criterion)."""
-    from pfq_edge.export.qcdq import run_onnxruntime
-    from pfq_edge.pipeline import onnxruntime_levels
+    from pfq_edge.runners.onnx import onnxruntime_levels, run_onnxruntime
 
     return onnxruntime_levels(path, images, run_onnxruntime(path, images, level="off"))[1]
 
@@ -83,8 +82,8 @@ def run_config(name: str, pruned, precision: str, batch: int, images, threads: i
                per_task: int, folder: Path, log) -> dict:
     import torch
 
-    from pfq_edge.export.tvm import build_tvm, tuning_tasks
-    from pfq_edge.latency import measure
+    from pfq_edge.targets.backends.tvm.build import build_tvm, tuning_tasks
+    from pfq_edge.runners.latency import measure
     from pfq_edge.targets.profile import RuntimeSpec
 
     sub = folder / f"{name}-{precision}-b{batch}"
@@ -180,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PFQ_EDGE_QUIET"] = "1"
     from pfq_edge.data import load_split
     from pfq_edge.io import atomic_write_text
-    from pfq_edge.latency import resolve_threads
+    from pfq_edge.runners.latency import resolve_threads
 
     threads = resolve_threads(args.threads)
     images = load_split("test").images[:CALIBRATION]

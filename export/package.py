@@ -2,7 +2,7 @@
 runner (``run.py``), ``SHA256SUMS`` and ``manifest.json`` (schema ``Manifest``), and its verification.
 
 Deterministic: entries sorted, mtime 0, owner root, mode 0644, gzip header without name or time — the same files
-give the same archive bytes. What changes from run to run (stage wall times, FINN's build log, MetaSchedule's
+give the same archive bytes. What changes from run to run (step wall times, FINN's build log, MetaSchedule's
 measured records) stays in the output folder and out of the package.
 """
 

@@ -116,7 +116,7 @@ def _constant_initializers(model) -> bool:
     Brevitas' TorchScript export lists the float biases as graph inputs too, i.e. as values a caller may override.
     onnxruntime then quantizes them at run time for its fused QLinearConv, and 1.25.1 drops that bias from a fused
     1×1 conv (on the default CNN: top-1 agreement 16.8% with the graph as written). As constants they are
-    quantized once when the session is built, and every fusion matches (README, "CPU/GPU targets").
+    quantized once when the session is built, and every fusion matches (docs/cpu-gpu.md, "onnxruntime's optimization levels").
     """
     names = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in names]

@@ -21,6 +21,11 @@ from pfq_edge.golden import GoldenResult
 FRONT_END_SECTIONS = ("quant", "pfq", "finetune")  # profile sections the shared front end reads
 
 
+def front_end_settings(profile) -> dict:
+    """The profile settings the shared front end depends on: targets with equal ones share one fine-tuned model."""
+    return {k: getattr(profile, k).model_dump() for k in FRONT_END_SECTIONS}
+
+
 @dataclass
 class CompileConfig:
     """Inputs of one compile. ``overrides`` replace profile keys per section, e.g. {"quant": {"weight_bit_width":
@@ -94,9 +99,9 @@ class Dataset:
 class StepResult:
     """Base of every step's result: plain, JSON-able facts (no models, no tensors).
 
-    ``report()`` is the step's section of report.json; ``accuracy`` the top-1 figures it measured (keys of
-    report.ACCURACY_LABELS); ``golden_checks()`` the checks it ran; ``files`` the paths it wrote, relative to the
-    output folder, as {name in the package: path} (``artefacts``) and ``kept`` (stays beside the package).
+    ``report()`` is the step's section of report.json (golden checks under "golden" / "guard"); ``accuracy`` the
+    top-1 figures it measured (keys of report.ACCURACY_LABELS); the paths it wrote, relative to the output folder,
+    as {name in the package: path} (``artefacts``) and ``kept`` (stays beside the package).
     ``to_state`` / ``from_state`` round-trip the result through steps/state.json for ``--from-step``.
     """
 
@@ -109,9 +114,6 @@ class StepResult:
     @property
     def accuracy(self) -> dict[str, float]:
         return {}
-
-    def golden_checks(self) -> list[GoldenResult]:
-        return [v for v in (getattr(self, "golden", None), getattr(self, "guard", None)) if v is not None]
 
     @property
     def artefacts(self) -> dict[str, str]:
@@ -167,9 +169,6 @@ class Compilation:
     def accuracy(self) -> dict[str, float]:
         """Top-1 per stage of the model, in step order (float, PfQ float, PTQ, fine-tuned, deployed)."""
         return {k: v for r in self.results.values() for k, v in r.accuracy.items()}
-
-    def golden_checks(self) -> list[GoldenResult]:
-        return [g for r in self.results.values() for g in r.golden_checks()]
 
     @property
     def artefacts(self) -> dict[str, Path]:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from pfq_edge import interrupt
-from pfq_edge.compilation import FRONT_END_SECTIONS, Compilation, CompileConfig
+from pfq_edge.compilation import FRONT_END_SECTIONS, Compilation, CompileConfig, front_end_settings
 from pfq_edge.errors import PfqError, ProfileError
 from pfq_edge.resume import STATE_DIR, resume, save_state
 from pfq_edge.steps import FRONT_END, PACKAGE, Step
@@ -121,11 +121,6 @@ def compile_model(cfg: CompileConfig, log=None) -> Compilation:
     return compile_targets(cfg, [cfg.target], log)[0]
 
 
-def _training_key(profile) -> str:
-    """Targets with equal front-end settings share one fine-tuned model."""
-    return json.dumps({k: getattr(profile, k).model_dump() for k in FRONT_END_SECTIONS}, sort_keys=True)
-
-
 def compile_targets(cfg: CompileConfig, targets: list[str], log=None) -> list[Compilation]:
     """Compile ``cfg.model`` for every target in ``targets``, fine-tuning once per distinct front-end setting. One
     target writes its output into ``cfg.out``; several write ``cfg.out``/<profile name>/ each plus
@@ -141,7 +136,7 @@ def compile_targets(cfg: CompileConfig, targets: list[str], log=None) -> list[Co
     check_targets(cfg, profiles)
     groups: dict[str, list[int]] = {}
     for i, profile in enumerate(profiles):
-        groups.setdefault(_training_key(profile), []).append(i)
+        groups.setdefault(json.dumps(front_end_settings(profile), sort_keys=True), []).append(i)
     if cfg.checkpoint is not None and len(groups) > 1:
         raise ProfileError(f"--checkpoint holds one fine-tuning run; these targets need {len(groups)} (different "
                            f"quant/pfq/finetune settings): compile them separately")

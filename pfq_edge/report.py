@@ -93,7 +93,7 @@ def render_markdown(doc: dict) -> str:
     out += ["## Summary", "", table(["quantity", "value"], summary_rows(s, doc["kind"])), ""]
     prune = st.get("prune", {})
     if prune:
-        out += _prune_section(prune)
+        out += prune_section(prune)
     out += _settings_section(st.get("quantize", {}), st.get("finetune", {}))
     acc = st.get("accuracy", {})
     if acc:
@@ -152,7 +152,7 @@ def render_plots(doc: dict, folder) -> list[str]:
     return done
 
 
-def _prune_section(prune: dict) -> list[str]:
+def prune_section(prune: dict) -> list[str]:
     rule = prune.get("rule", "exact")
     if rule == "off":
         return ["## PfQ", "", "Rule `off`: no filter removed (plain quantization-aware fine-tuning).", ""]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from pfq_edge.compilation import Compilation, Dataset, InputSpec, StepResult
+from pfq_edge.compilation import Compilation, Dataset, InputSpec, StepResult, front_end_settings
 from pfq_edge.errors import ModelError, ProfileError, one_line
 from pfq_edge.golden import GoldenResult
 
@@ -362,7 +362,7 @@ def finetune(c: Compilation) -> FinetuneResult:
 def training_facts(c: Compilation) -> dict:
     """What the fine-tuned model depends on: model, weights, training-set size and the front end's settings."""
     return {"model": c.config.model, "weights": str(c.config.weights), "train": len(c.data.train),
-            **{k: getattr(c.profile, k).model_dump() for k in ("quant", "pfq", "finetune")}}
+            **front_end_settings(c.profile)}
 
 
 def run_key(c: Compilation) -> str:
@@ -410,16 +410,18 @@ def package(c: Compilation) -> PackageResult:
     backend = backend_for(c.profile.kind)
     result = PackageResult(archive=f"pfq-edge-{_slug(c.config.model)}-{c.profile.name}.tar.gz")
     c.results["package"] = result  # report.json lists the archive
-    files = write_report(report_document(c), c.work)
-    write_package(c.work, result.archive, {**c.artefacts, **files}, manifest_info(c, backend),
+    doc = report_document(c)
+    files = write_report(doc, c.work)
+    write_package(c.work, result.archive, {**c.artefacts, **files}, manifest_info(c, backend, doc),
                   backend.device_readme)
     return result
 
 
-def manifest_info(c: Compilation, backend) -> dict:
+def manifest_info(c: Compilation, backend, doc: dict) -> dict:
     """The manifest fields that describe this compile (export/package.py, ``Manifest``); the backend adds its
-    latency, runtime and size entries."""
+    latency, runtime and size entries; the golden checks are those of the report document ``doc``."""
     from pfq_edge.export.package import state_dict_sha256
+    from pfq_edge.report import golden_checks
 
     prune_result, quant = c.result("prune"), c.result("quantize")
     size = {"weight_bits": quant.size["weight_bits"], "bias_params": quant.size["bias_params"],
@@ -431,7 +433,7 @@ def manifest_info(c: Compilation, backend) -> dict:
             "target": c.profile.name, "kind": c.profile.kind,
             "profile": c.profile.model_dump(exclude={"source"}), "bits": backend.bits_label(c.profile.quant),
             "pfq": {k: getattr(prune_result, k) for k in ("rule", "filters_removed", "constant_total", "exact")},
-            "accuracy": c.accuracy, "golden": [g.as_dict() for g in c.golden_checks()], "latency": target["latency"],
+            "accuracy": c.accuracy, "golden": golden_checks(doc["stages"]), "latency": target["latency"],
             "size": {**size, **target.get("size", {})}, "runtime": runtime, "classes": list(c.spec.classes)}
 
 

@@ -37,7 +37,7 @@ class QuantSpec(_Strict):
     correction after calibration. ``bias``: "float" keeps biases float (FINN absorbs them into its thresholds) or
     "int32" quantizes them on the accumulator grid, input scale × weight scale (Brevitas ``Int32Bias``), as integer
     runtimes compute them: onnxruntime's QDQ fusions round a float bias to that grid themselves, which moved up to
-    20% of top-1 decisions at W4A4 (README, "CPU/GPU targets"). The CPU/GPU profiles set "int32".
+    20% of top-1 decisions at W4A4 (docs/cpu-gpu.md, "onnxruntime's optimization levels"). The CPU/GPU profiles set "int32".
     """
 
     weight_bit_width: int = Field(4, ge=2, le=8)

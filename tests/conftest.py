@@ -62,3 +62,19 @@ def plant_constant(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels, beta) -> None:
             bn.running_mean[c] = 0
             bn.running_var[c] = 0
             bn.bias[c] = b
+
+
+def compilation(model, target="fpga", overrides=None, test=None, train=None, tmp_path=None):
+    """A Compilation holding ``model`` and real data, ready for a single step (e.g. ``pfq_edge.steps.prune``)."""
+    from pathlib import Path
+
+    from pfq_edge.compilation import Compilation, CompileConfig, Dataset, InputSpec
+    from pfq_edge.data import CLASSES
+    from pfq_edge.targets.profile import load_profile, with_overrides
+
+    profile = with_overrides(load_profile(target), overrides or {})
+    work = Path(tmp_path or ".")
+    return Compilation(config=CompileConfig("m", target, work / "o"), profile=profile, work=work, final=work / "o",
+                       spec=InputSpec(tuple(test.images.shape[1:]), tuple(CLASSES)),
+                       data=Dataset("fashion-mnist", train=train if train is not None else test, test=test),
+                       float_model=model)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -198,3 +199,61 @@ def test_analyze_rules_differ_on_the_wide_model():
     assert counts["exact"] == 6 and counts["bn-epsilon"] > counts["exact"]
     bad = run("analyze", "fashion-dscnn-wide", "--rule", "sigma")
     assert bad.returncode == 2 and one_line_error(bad)
+
+
+def test_list_steps_names_every_step_of_a_target():
+    proc = run("compile", "--target", "fpga", "--list-steps")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == ("fpga-pynq-z1: load → prune → quantize → finetune → export → estimate → "
+                                           "package")
+    assert "Golden checks: export." in proc.stdout
+    steps = json.loads(run("compile", "--target", "cpu-aarch64", "--list-steps", "--json").stdout)
+    assert [s["step"] for s in steps["cpu-aarch64"]] == ["load", "prune", "quantize", "finetune", "export", "build",
+                                                         "measure", "package"]
+    assert steps["cpu-aarch64"][5]["golden"] == ["tvm build"] and steps["cpu-aarch64"][5]["requires"] == ["export"]
+
+
+def test_stop_after_finetune_then_resume_gives_the_same_package(compiled, tmp_path):
+    # the `compiled` fixture ran the same inputs without stopping
+    out = tmp_path / "qat"
+    args = ["compile", "--target", "fpga", "--epochs", "1", "--train-samples", "512", "--out", str(out)]
+    stopped = run(*args, "--to-step", "finetune", "--json")
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    assert json.loads(stopped.stdout)["next_step"] == "export"
+    assert {p.name for p in (out / "steps").iterdir()} == {"state.json", "quantized.safetensors",
+                                                           "finetuned.safetensors"}
+    assert not list(out.glob("*.tar.gz")) and not (out / "model.qonnx.onnx").exists()
+    resumed = run(*args, "--from-step", "export")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    package = next(compiled[0].glob("*.tar.gz")).name
+    assert (out / package).read_bytes() == (compiled[0] / package).read_bytes()
+    assert (out / "report.json").read_bytes() == (compiled[0] / "report.json").read_bytes()
+    # resuming with inputs the reused steps depend on changed is refused, naming the difference; nothing changes
+    before = (out / package).read_bytes()
+    other = run(*args[:-2], "--train-samples", "256", "--out", str(out), "--from-step", "estimate")
+    assert other.returncode == 2 and one_line_error(other), other.stderr
+    assert "finetune.train_samples was 512, now 256" in other.stderr
+    assert (out / package).read_bytes() == before
+    # ... while a setting that only later steps read may change: FINN again for another folding goal, no QAT
+    from pfq_edge.targets.profile import load_profile
+
+    profile = tmp_path / "faster.toml"
+    profile.write_text(Path(load_profile("fpga").source).read_text().replace("target_fps = 10000",
+                                                                             "target_fps = 15000"))
+    refold = run("compile", "--target", str(profile), *args[3:], "--from-step", "estimate", "--json")
+    assert refold.returncode == 0, refold.stderr[-2000:]
+    fps = {json.loads((d / "report.json").read_text())["summary"]["throughput_fps"] for d in (out, compiled[0])}
+    assert len(fps) == 2 and "finetune" not in json.loads((out / "run.json").read_text())["timings_s"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--to-step", "synthesis"], "'synthesis' is not a step of 'fpga-pynq-z1'; its steps: load, prune"),
+    (["--from-step", "export"], "holds no steps/ to resume from"),
+    (["--to-step", "quantize", "--from-step", "export"], "comes before --from-step"),
+    (["--target", "fpga,cpu-aarch64", "--to-step", "finetune"], "apply to one target; 2 targets given"),
+])
+def test_bad_step_options_give_one_line(tmp_path, args, words):
+    target = [] if "--target" in args else ["--target", "fpga"]
+    proc = run("compile", *target, "--out", str(tmp_path / "o"), *args)
+    assert proc.returncode == 2 and one_line_error(proc) and words in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()

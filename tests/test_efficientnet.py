@@ -42,24 +42,20 @@ def test_pruned_logits_match_on_real_images(effnet, analysed, test_split):
 
 def test_transfer_model_keeps_the_constant_channels_and_the_guard_refuses_bn_epsilon(tmp_path):
     # Model (a) of issue 4: ImageNet backbone + BN statistics, a Fashion-MNIST head (examples/transfer_efficientnet.py)
+    from conftest import compilation
     from pfq_edge.data import load_split
     from pfq_edge.errors import GoldenCheckError
-    from pfq_edge.pipeline import CompileConfig, State, stage_prune
-    from pfq_edge.report import Report
-    from pfq_edge.targets.profile import load_profile, with_overrides
+    from pfq_edge.steps import prune as prune_step
 
     model = load_model("efficientnet-lite0-fmnist").module
-    data = {"test": load_split("test").subset(300), "train": load_split("train").subset(1024)}
+    test, train = load_split("test").subset(300), load_split("train").subset(1024)
 
     def state(rule):
-        profile = with_overrides(load_profile("fpga"), {"pfq": {"rule": rule}})
-        return State(cfg=CompileConfig("e", "fpga", tmp_path / "o"), profile=profile, report=Report("e", "fpga"),
-                     work=tmp_path, data=data, float_model=model)
+        return compilation(model, overrides={"pfq": {"rule": rule}}, test=test, train=train, tmp_path=tmp_path)
 
-    s = stage_prune(state("exact"))
-    prune = s.report.stages["prune"]
+    prune = prune_step(state("exact")).report()
     assert prune["constant_total"] == 130 and prune["constant_removed"] == 130
     assert prune["golden"]["passed"] and prune["golden"]["argmax_agreement"] == 1.0
     # σ² ≤ ε filters carry signal here: replacing them by β changes the float model; measured 91.3 % agreement
     with pytest.raises(GoldenCheckError, match=r"bn-epsilon data guard .* top-1 agreement (\d+\.\d+)%"):
-        stage_prune(state("bn-epsilon"))
+        prune_step(state("bn-epsilon"))

@@ -9,12 +9,15 @@ from torch import nn
 
 from conftest import randomize_bn, tiny_dscnn
 from pfq_edge.errors import GoldenCheckError
-from pfq_edge.export.qonnx import export_qonnx, run_qonnx
-from pfq_edge.golden import golden_check
-from pfq_edge.pipeline import EXPORT_ATOL, EXPORT_MAX_FLIPPED, EXPORT_MIN_AGREEMENT
+from pfq_edge.export.qonnx import export_qonnx
+from pfq_edge.golden import TOLERANCES, golden_check
+from pfq_edge.runners.onnx import run_qonnx
 from pfq_edge.quantize import calibrate, quantize_model
 from pfq_edge.targets.profile import QuantSpec
 from pfq_edge.train import predict
+
+EXPORT = TOLERANCES["export"]
+EXPORT_ATOL, EXPORT_MIN_AGREEMENT, EXPORT_MAX_FLIPPED = EXPORT.atol, EXPORT.min_agreement, EXPORT.max_mismatch_fraction
 
 
 @pytest.fixture(scope="module")

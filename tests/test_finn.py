@@ -7,10 +7,10 @@ import pytest
 
 from conftest import randomize_bn, tiny_dscnn
 from pfq_edge.errors import ProfileError
-from pfq_edge.export.finn import finn_estimate
+from pfq_edge.targets.backends.finn.estimate import finn_estimate
 from pfq_edge.export.qonnx import export_qonnx
 from pfq_edge.quantize import calibrate, quantize_model
-from pfq_edge.targets.fit import board_capacity, fpga_verdicts
+from pfq_edge.targets.backends.finn.fit import board_capacity, fpga_verdicts
 from pfq_edge.targets.profile import load_profile
 
 
@@ -89,3 +89,22 @@ def test_a_model_finn_cannot_map_fails_with_finns_reason(tmp_path, images):
     path = export_qonnx(qm, images[:1], tmp_path / "r.onnx")
     with pytest.raises(ToolchainError, match="FINN estimate build failed: .*FINN only supports"):
         finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / "build")
+
+
+def test_finn_session_restores_what_it_changes(tmp_path, monkeypatch):
+    import os
+
+    import finn.util.settings as finn_settings
+    import finn.xsi
+
+    from pfq_edge.targets.backends.finn.estimate import finn_session
+
+    monkeypatch.setenv("FINN_BUILD_DIR", "/somewhere/else")
+    monkeypatch.delenv("FINN_SETTINGS", raising=False)
+    settings, sim = finn_settings._SETTINGS, vars(finn.xsi).get("SimEngine", "unset")
+    with finn_session(tmp_path) as (build_dataflow, _):
+        assert os.environ["FINN_BUILD_DIR"] == str(tmp_path / "finn_tmp") and finn.xsi.SimEngine is None
+        assert build_dataflow.get_vivado_root() == "none"
+    assert os.environ["FINN_BUILD_DIR"] == "/somewhere/else" and "FINN_SETTINGS" not in os.environ
+    assert finn_settings._SETTINGS is settings and vars(finn.xsi).get("SimEngine", "unset") == sim
+    assert build_dataflow.get_vivado_root() != "none"

@@ -204,8 +204,13 @@ def test_report_rerenders_markdown_and_plots(fpga_twice, tmp_path):
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
-def test_cross_compiled_package_is_byte_identical_too(tmp_path):
-    a, b = compile_twice(tmp_path, "cpu-aarch64")
+def test_cross_compiled_package_is_byte_identical_too_when_stopped_and_resumed(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    whole = run("compile", "--target", "cpu-aarch64", "--epochs", "0", "--out", str(a))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    for step in (("--to-step", "export"), ("--from-step", "build")):  # stop after the QCDQ export, TVM later
+        proc = run("compile", "--target", "cpu-aarch64", "--epochs", "0", "--out", str(b), *step)
+        assert proc.returncode == 0, proc.stderr[-2000:]
     assert archive(a).read_bytes() == archive(b).read_bytes()
     m = json.loads(members(archive(a))["manifest.json"])
     assert m["runtime"]["library"] == "model.aarch64-linux-gnu.so" and m["latency"]["verdict"] == "not measured"

@@ -65,7 +65,7 @@ def test_invalid_toml(tmp_path):
     ('part = "xc7z020clg400-1"', 'part = "xc7z999"', "fpga.part"),
 ])
 def test_unknown_board_or_wrong_part_is_refused_before_any_work(tmp_path, old, new, key):
-    from pfq_edge.targets.fit import check_fpga_profile
+    from pfq_edge.targets.backends.finn.fit import check_fpga_profile
 
     f = tmp_path / "bad.toml"
     f.write_text(GOOD.replace(old, new))

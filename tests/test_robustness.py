@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -219,8 +220,11 @@ def test_ctrl_c_swallowed_by_a_tool_still_interrupts_the_compile(then, monkeypat
     # FINN's build_dataflow turns KeyboardInterrupt into a failed build; a torch.onnx export error makes us retry
     # with the other exporter. Seen: SIGINT 18 s into an FPGA compile exited 7, and once a compile finished (exit 0).
     from pfq_edge import interrupt
+    from pfq_edge.compilation import Compilation, CompileConfig
     from pfq_edge.errors import ToolchainError
-    from pfq_edge.pipeline import run_stages
+    from pfq_edge.pipeline import run_steps
+    from pfq_edge.steps import Step
+    from pfq_edge.targets.profile import load_profile
 
     monkeypatch.setattr(interrupt, "_received", None)
     ran = []
@@ -238,9 +242,8 @@ def test_ctrl_c_swallowed_by_a_tool_still_interrupts_the_compile(then, monkeypat
         ran.append("next")
         return state
 
-    class State:
-        report = type("R", (), {"timings_s": {}})()
-
+    c = Compilation(config=CompileConfig("m", "fpga", Path("o")), profile=load_profile("fpga"), work=Path("."),
+                    final=Path("o"))
     with pytest.raises(KeyboardInterrupt):
-        run_stages(State(), [stage_tool, stage_next])
-    assert ran == []
+        run_steps(c, [Step("tool", stage_tool), Step("next", stage_next)])
+    assert ran == [] and "tool" not in c.results

@@ -17,14 +17,17 @@ from torch import nn
 
 from conftest import randomize_bn, tiny_dscnn
 from pfq_edge.errors import GoldenCheckError, ModelError, ProfileError
-from pfq_edge.export.qcdq import check_qcdq_bit_widths, export_qcdq, run_onnxruntime
-from pfq_edge.export.tvm import build_tvm, elf_info, nvcc_version
-from pfq_edge.golden import golden_check
-from pfq_edge.latency import measure, run_outputs, time_calls
-from pfq_edge.pipeline import EXPORT_ATOL, EXPORT_MAX_FLIPPED, budget_missed
+from pfq_edge.export.qcdq import check_qcdq_bit_widths, export_qcdq
+from pfq_edge.golden import TOLERANCES, golden_check
+from pfq_edge.runners.latency import measure, run_outputs, time_calls
+from pfq_edge.runners.onnx import run_onnxruntime
+from pfq_edge.targets.backends import backend_for
+from pfq_edge.targets.backends.tvm.build import build_tvm, elf_info, nvcc_version
 from pfq_edge.quantize import calibrate, quantize_model
 from pfq_edge.targets.profile import QuantSpec, RuntimeSpec, load_profile, with_overrides
 from pfq_edge.train import predict
+
+EXPORT_ATOL, EXPORT_MAX_FLIPPED = TOLERANCES["export"].atol, TOLERANCES["export"].max_mismatch_fraction
 
 
 @pytest.fixture(scope="module", params=[8, 4], ids=["W8A8", "W4A4"])
@@ -284,17 +287,19 @@ def test_bad_runtime_keys_name_key_and_file(tmp_path):
 
 
 def test_budget_verdicts():
-    assert budget_missed({"latency_verdict": "meets", "latency_ms": 0.1, "latency_budget_ms": 1}) is None
-    assert budget_missed({"latency_verdict": "not measured", "latency_budget_ms": 1}) is None
-    assert "1.500 ms exceeds" in budget_missed({"latency_verdict": "misses", "latency_ms": 1.5,
-                                                "latency_budget_ms": 1.0})
-    assert "does not fit" in budget_missed({"fit": "does not fit", "latency_verdict": "meets", "latency_us": 5})
+    tvm, finn = backend_for("cpu"), backend_for("fpga")
+    assert tvm.budget_missed({"latency_verdict": "meets", "latency_ms": 0.1, "latency_budget_ms": 1}) is None
+    assert tvm.budget_missed({"latency_verdict": "not measured", "latency_budget_ms": 1}) is None
+    assert "1.500 ms exceeds" in tvm.budget_missed({"latency_verdict": "misses", "latency_ms": 1.5,
+                                                    "latency_budget_ms": 1.0})
+    assert "does not fit" in finn.budget_missed({"fit": "does not fit", "latency_verdict": "meets", "latency_us": 5})
+    assert "FINN latency 0.005 ms" in finn.budget_missed({"fit": "fits", "latency_verdict": "misses", "latency_us": 5})
 
 
 def test_report_json_of_a_runtime_compile_renders(tmp_path):
     from pfq_edge.report import render_markdown
 
-    doc = {"model": "m", "target": "cpu-x86", "summary": {}, "timings_s": {}, "stages": {
+    doc = {"model": "m", "target": "cpu-x86", "kind": "cpu", "summary": {}, "timings_s": {}, "stages": {
         "export": {"file": "model.qcdq.onnx", "bytes": 10, "batch_size": 1, "onnxruntime_levels": {}},
         "build": {"target": {"kind": "llvm"}, "library": "model.host.so", "seconds": 1.0, "tuning": {},
                   "elf": {"class": "ELF64", "type": "shared object", "machine": "x86-64"}, "device_code": None,

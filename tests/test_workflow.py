@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import randomize_bn, tiny_dscnn
+from conftest import compilation, randomize_bn, tiny_dscnn
 from pfq_edge.data import Split
 from pfq_edge.errors import GoldenCheckError, ModelError, ProfileError
-from pfq_edge.pipeline import CompileConfig, State, effective_profile, stage_prune
+from pfq_edge.pipeline import CompileConfig, effective_profile
 from pfq_edge.quantize import calibrate, correct_bias, quantize_model, weight_bits
-from pfq_edge.report import Report
+from pfq_edge.steps import prune
 from pfq_edge.targets.profile import QuantSpec, load_profile, with_overrides
 from pfq_edge.train import TrainConfig, accuracy, predict, train
 from pfq_edge.zoo import load_model
@@ -84,26 +84,23 @@ def _informative_small_var(model):
 
 
 def _prune_state(model, rule, tmp_path, test_split, train_split, min_agreement=0.98):
-    profile = with_overrides(load_profile("fpga"), {"pfq": {"rule": rule, "min_agreement": min_agreement}})
-    return State(cfg=CompileConfig("m", "fpga", tmp_path / "o"), profile=profile, report=Report("m", "fpga"),
-                 work=tmp_path, data={"test": test_split.subset(1000), "train": train_split.subset(2048)},
-                 float_model=model)
+    return compilation(model, overrides={"pfq": {"rule": rule, "min_agreement": min_agreement}},
+                       test=test_split.subset(1000), train=train_split.subset(2048), tmp_path=tmp_path)
 
 
 def test_bn_epsilon_rule_takes_small_variance_filters_and_the_guard_measures_it(tmp_path, test_split, train_split):
     model = _informative_small_var(copy.deepcopy(load_model("fashion-dscnn").module))
-    exact = stage_prune(_prune_state(model, "exact", tmp_path, test_split, train_split)).report.stages["prune"]
+    exact = prune(_prune_state(model, "exact", tmp_path, test_split, train_split)).report()
     assert exact["filters_removed"] == 0 and exact["exact"]
     # a loose tolerance passes and records the measured agreement on calibration images
-    s = stage_prune(_prune_state(model, "bn-epsilon", tmp_path, test_split, train_split, min_agreement=0.05))
-    prune = s.report.stages["prune"]
-    assert prune["rule"] == "bn-epsilon" and not prune["exact"]
-    assert prune["filters_removed"] >= 6
-    agreement = prune["guard"]["argmax_agreement"]
+    loose = prune(_prune_state(model, "bn-epsilon", tmp_path, test_split, train_split, min_agreement=0.05)).report()
+    assert loose["rule"] == "bn-epsilon" and not loose["exact"]
+    assert loose["filters_removed"] >= 6
+    agreement = loose["guard"]["argmax_agreement"]
     assert 0 < agreement < 1  # these filters carried signal: the float output really changed
     # a tolerance above what was measured refuses, naming the guard
     with pytest.raises(GoldenCheckError, match="bn-epsilon data guard"):
-        stage_prune(_prune_state(model, "bn-epsilon", tmp_path, test_split, train_split,
+        prune(_prune_state(model, "bn-epsilon", tmp_path, test_split, train_split,
                                  min_agreement=min(1.0, agreement + 0.005)))
 
 

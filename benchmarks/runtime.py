@@ -16,7 +16,7 @@ the results files as they finish. Narrow it with:
 
 Each configuration goes through the compile's own pieces: PfQ (exact rule) → Brevitas quantization (the cpu-x86
 profile's settings at the row's bit widths) calibrated on 256 test images (no fine-tuning: latency does not depend on
-it) → QCDQ export at a static batch → TVM build (``targets/backends/tvm/build.py``); "float" is the pruned float model exported with
+it) → QCDQ export at a static batch → TVM build (``targets/backends/tvm/driver.py``); "float" is the pruned float model exported with
 torch.onnx. Every engine is timed in its own process by ``pfq_edge.runners.latency`` (warm-up dropped, ≥ 1 s of calls,
 median). onnxruntime runs at the highest graph-optimization level that computes the model (≥ 99% top-1 agreement with
 the graph as written on those images, the compile's own criterion; see docs/cpu-gpu.md, "onnxruntime's optimization levels"); the level is a
@@ -82,7 +82,7 @@ def run_config(name: str, pruned, precision: str, batch: int, images, threads: i
                per_task: int, folder: Path, log) -> dict:
     import torch
 
-    from pfq_edge.targets.backends.tvm.build import build_tvm, tuning_tasks
+    from pfq_edge.targets.backends.tvm.driver import build_tvm, tuning_tasks
     from pfq_edge.runners.latency import measure
     from pfq_edge.targets.profile import RuntimeSpec
 

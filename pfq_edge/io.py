@@ -17,6 +17,25 @@ def _umask() -> int:
     return mask
 
 
+@contextmanager
+def redirect_fd(fd: int, to_fd: int):
+    """Point file descriptor ``fd`` (1 stdout, 2 stderr) at ``to_fd`` for the ``with`` block, then restore it —
+    for native libraries that write to the descriptor directly, past Python's sys.stdout / sys.stderr."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    os.dup2(to_fd, fd)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
     path = Path(path)

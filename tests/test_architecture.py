@@ -38,3 +38,13 @@ def test_every_profile_kind_has_a_backend_whose_steps_are_complete():
             assert all(r in names[:names.index(step.name)] for r in step.requires), step.name
             assert step.summary, step.name
     assert backend_for("cpu") is backend_for("gpu")
+
+
+def test_no_backend_submodule_shadows_a_step_function():
+    # importing submodule X of a package binds X on the package: a step function named X would be replaced by the
+    # module once the first compile imported it (seen: a second TVM target's "build" step called the module)
+    for kind in kinds():
+        backend = backend_for(kind)
+        folder = ROOT / "targets" / "backends" / backend.name
+        submodules = {p.stem for p in folder.glob("*.py")}
+        assert not submodules & {s.run.__name__ for s in backend.steps}, kind

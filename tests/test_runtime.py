@@ -22,7 +22,7 @@ from pfq_edge.golden import TOLERANCES, golden_check
 from pfq_edge.runners.latency import measure, run_outputs, time_calls
 from pfq_edge.runners.onnx import run_onnxruntime
 from pfq_edge.targets.backends import backend_for
-from pfq_edge.targets.backends.tvm.build import build_tvm, elf_info, nvcc_version
+from pfq_edge.targets.backends.tvm.driver import build_tvm, elf_info, nvcc_version
 from pfq_edge.quantize import calibrate, quantize_model
 from pfq_edge.targets.profile import QuantSpec, RuntimeSpec, load_profile, with_overrides
 from pfq_edge.train import predict

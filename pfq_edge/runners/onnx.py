@@ -7,14 +7,13 @@ line when a model cannot be loaded or run.
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from pfq_edge.errors import ToolchainError, one_line
+from pfq_edge.io import redirect_fd
 
 ORT_LEVELS = {"off": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "all": "ORT_ENABLE_ALL"}
@@ -24,16 +23,8 @@ ORT_LEVELS = {"off": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended":
 def _native_stderr_captured():
     """onnxruntime's C++ log of a failing node goes to file descriptor 2: catch it for the call (the failure is
     reported once, in our error) and restore the descriptor — onnxruntime's global logger level stays as it is."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+    with tempfile.TemporaryFile() as sink, redirect_fd(2, sink.fileno()):
+        yield
 
 
 def run_qonnx(path: Path, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -1,7 +1,7 @@
 """FPGA targets through FINN (finn-plus): QONNX export, FINN's estimate-only dataflow build, fit and latency
 verdicts. No Vivado is needed; the package carries FINN's build configuration to continue where it exists.
 
-    estimate.py  the FINN driver (in-process builder session, estimate reports)
+    driver.py    the FINN driver (in-process builder session, estimate reports)
     fit.py       the checks FINN does not make (board capacity, fit, latency budget)
 """
 
@@ -71,7 +71,7 @@ def estimate(c: Compilation) -> EstimateResult:
     import shutil
 
     from pfq_edge.export.finn_build import write_finn_build_config, write_finn_reports
-    from pfq_edge.targets.backends.finn.estimate import finn_estimate, finn_session
+    from pfq_edge.targets.backends.finn.driver import finn_estimate, finn_session
     from pfq_edge.targets.backends.finn.fit import fpga_verdicts
 
     fpga, bits = c.profile.fpga, c.profile.quant.input_bit_width

@@ -2,7 +2,7 @@
 LLVM or CUDA target (MetaSchedule-tuned if asked), reloaded in a fresh process and checked where it runs, and its
 latency against onnxruntime and torch on this machine.
 
-    build.py  the TVM driver (ONNX import, MetaSchedule tuning, compile, export_library, cross-build checks)
+    driver.py  the TVM driver (ONNX import, MetaSchedule tuning, compile, export_library, cross-build checks)
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def build(c: Compilation) -> BuildResult:
     from pfq_edge.golden import check
     from pfq_edge.runners.latency import resolve_threads, run_outputs
     from pfq_edge.runners.onnx import run_onnxruntime
-    from pfq_edge.targets.backends.tvm.build import build_tvm
+    from pfq_edge.targets.backends.tvm.driver import build_tvm
 
     spec = c.profile.runtime
     db = c.work / "tvm_tuning"

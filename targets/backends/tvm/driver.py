@@ -8,18 +8,16 @@ the ``static_shape_tuning`` pipeline keeps its database in a folder.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import shutil
 import struct
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pfq_edge.errors import ToolchainError, one_line
+from pfq_edge.io import redirect_fd
 
 EM_AARCH64, EM_X86_64 = 183, 62
 ELF_MACHINES = {EM_AARCH64: "AArch64", EM_X86_64: "x86-64"}
@@ -142,7 +140,7 @@ def _tune(mod, target, trials: int, db: Path, log) -> tuple[object, dict]:
         log(f"TVM MetaSchedule: {todo} trials over {tasks} tasks" if todo else
             f"TVM MetaSchedule: reusing {before} trials from {db}")
     t0 = time.perf_counter()
-    with _stdout_to_stderr():  # MetaSchedule logs to stdout; --json output must stay parseable
+    with redirect_fd(1, 2):  # MetaSchedule logs to stdout; --json output must stay parseable
         mod = _tuned(mod, target, todo, math.ceil(todo / tasks) if todo else 0, db)
     shutil.rmtree(db / "logs", ignore_errors=True)  # per-task logs: megabytes of TIR, not needed to reuse
     if todo:
@@ -182,19 +180,6 @@ def _build_candidate(mod, target, _params):
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr():
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def build_tvm(onnx_path: Path, spec, out_dir: Path, tuning_db: Path | None = None, log=None) -> TvmBuild:

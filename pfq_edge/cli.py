@@ -203,8 +203,8 @@ def _print_stopped(c, as_json: bool) -> None:
         typer.echo(json.dumps({"out": str(c.final), "stopped_after": last, "next_step": following,
                                "accuracy": c.accuracy}, indent=2))
         return
-    typer.echo(f"stopped after step {last}; {c.final}/steps/ holds what the next steps need; continue with "
-               f"--out {c.final} --from-step {following}")
+    typer.echo(f"stopped after step {last}; {c.final}/steps/ holds what the next steps need; to continue, run the "
+               f"same command with --from-step {following} in place of --to-step {last}")
 
 
 def _print_summary(c, out: Path) -> None:

@@ -155,8 +155,8 @@ def compile_targets(cfg: CompileConfig, targets: list[str], log=None) -> list[Co
                     write_run_facts(work / "run.json", done[0].timings_s)
             else:
                 for members in groups.values():
-                    _compile_group(cfg, [profiles[i] for i in members], work, rank, log,
-                                   lambda j, c, members=members: done.__setitem__(members[j], c))
+                    for i, c in zip(members, _compile_group(cfg, [profiles[i] for i in members], work, rank, log)):
+                        done[i] = c
                 if rank == 0:
                     _write_multi(work, cfg.model, done)
     finally:
@@ -179,8 +179,9 @@ def _compile_one(cfg: CompileConfig, profile, work: Path, rank: int, log) -> Com
     return run_steps(c, todo, state=work / STATE_DIR)
 
 
-def _compile_group(cfg: CompileConfig, profiles: list, work: Path, rank: int, log, keep) -> None:
-    """Targets that share one front end: it runs once; each target then runs its own steps in work/<name>."""
+def _compile_group(cfg: CompileConfig, profiles: list, work: Path, rank: int, log) -> list[Compilation]:
+    """Targets that share one front end: it runs once; each target then runs its own steps in work/<name>.
+    Returns their compilations (on a rank other than 0: the front end's alone)."""
     from pfq_edge.export.outputs import write_run_facts
     from pfq_edge.train import set_seed
 
@@ -188,9 +189,9 @@ def _compile_group(cfg: CompileConfig, profiles: list, work: Path, rank: int, lo
     base = run_steps(Compilation(config=cfg, profile=profiles[0], work=work, final=Path(cfg.out), log=log),
                      FRONT_END)
     if rank != 0:
-        keep(0, base)
-        return
-    for j, profile in enumerate(profiles):
+        return [base]
+    done = []
+    for profile in profiles:
         folder = work / profile.name
         folder.mkdir(exist_ok=True)
         c = Compilation(config=cfg, profile=profile, work=folder, final=Path(cfg.out) / profile.name, log=log,
@@ -198,8 +199,9 @@ def _compile_group(cfg: CompileConfig, profiles: list, work: Path, rank: int, lo
                         pruned_model=base.pruned_model, float_logits=base.float_logits,
                         qmodel=copy.deepcopy(base.qmodel) if len(profiles) > 1 else base.qmodel,
                         results=dict(base.results), timings_s=dict(base.timings_s))
-        keep(j, run_steps(c, steps_for(profile)[len(FRONT_END):]))
+        done.append(run_steps(c, steps_for(profile)[len(FRONT_END):]))
         write_run_facts(folder / "run.json", c.timings_s)
+    return done
 
 
 def _write_multi(work: Path, model: str, done: list[Compilation]) -> None:

@@ -41,6 +41,13 @@ def base_inputs(c) -> dict:
             "data": str(Path(c.config.data_dir or DEFAULT_DATA_DIR).resolve()), "kind": c.profile.kind}
 
 
+def model_sha256(c) -> str:
+    """The loaded float model by content (state dict), whatever file or factory code it came from."""
+    from pfq_edge.export.package import state_dict_sha256
+
+    return state_dict_sha256(c.float_model)
+
+
 def step_inputs(profile, step) -> dict:
     """The profile keys ``step.reads`` names ("quant" or "quant.weight_bit_width"), with their values."""
     out = {}
@@ -59,7 +66,9 @@ def save_state(c, plan: list, folder: Path) -> None:
 
     done = [s for s in plan if s.name in c.results]
     doc = {"format": FORMAT, "version": FORMAT_VERSION, "target": c.profile.name, "inputs": base_inputs(c),
-           "steps": [{"name": s.name, "reads": step_inputs(c.profile, s), "result": c.results[s.name].to_state()}
+           "model_sha256": model_sha256(c),
+           "steps": [{"name": s.name, "reads": step_inputs(c.profile, s), "result": c.results[s.name].to_state(),
+                      "files": {f: _sha256(folder / f) for f in s.saves if (folder / f).is_file()}}
                      for s in done]}
     folder.mkdir(exist_ok=True)
     atomic_write_text(folder / STATE_FILE, to_json(doc))
@@ -73,10 +82,11 @@ def read_state(out: Path, option: str) -> dict:
                        f"with this --out first)")
     try:
         doc = json.loads(path.read_text())
-        if doc.get("format") != FORMAT or doc.get("version") != FORMAT_VERSION:
-            raise ValueError(f"format {doc.get('format')!r} version {doc.get('version')!r}")
-    except (ValueError, AttributeError, UnicodeDecodeError) as exc:
-        raise PfqError(f"{option}: {path} is not a pfq-edge step state: {exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PfqError(f"{option}: {path} is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != FORMAT_VERSION \
+            or not isinstance(doc.get("steps"), list):
+        raise PfqError(f"{option}: {path} is not a pfq-edge step state of version {FORMAT_VERSION}")
     return doc
 
 
@@ -108,6 +118,11 @@ def resume(c, plan: list, from_step: str, out: Path) -> list:
     if diff:
         raise PfqError(f"{option}: {out} was compiled from other inputs ({diff}); compile again without "
                        f"--from-step")
+    for step in reused:
+        for name, digest in saved[step.name].get("files", {}).items():
+            if _sha256_or_none(Path(out) / STATE_DIR / name) != digest:
+                raise PfqError(f"{option}: {Path(out) / STATE_DIR / name} is missing or does not match its sha256 in "
+                               f"{STATE_FILE} (modified); compile again without --from-step")
     shutil.copytree(Path(out) / STATE_DIR, c.work / STATE_DIR)
     for step in reused:
         result_type = typing.get_type_hints(step.run)["return"]
@@ -121,4 +136,11 @@ def resume(c, plan: list, from_step: str, out: Path) -> list:
     for step in reused:
         if step.restore is not None:
             step.restore(c, state)
+        if step.name == "load" and doc.get("model_sha256") != model_sha256(c):
+            raise PfqError(f"{option}: {out} was compiled from another model (the weights of {c.config.model!r} "
+                           f"differ); compile again without --from-step")
     return plan[len(reused):]
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    return _sha256(path) if path.is_file() else None

@@ -39,10 +39,11 @@ class Step:
     golden: tuple[str, ...] = ()
     restore: Callable[[Compilation, Path], None] | None = None
     save: Callable[[Compilation, Path], None] | None = None
+    saves: tuple[str, ...] = ()   # the files ``save`` may write under steps/ (hashed into state.json)
 
     @property
     def summary(self) -> str:
-        return " ".join((self.run.__doc__ or "").strip().split("\n\n")[0].split())
+        return " ".join((self.run.__doc__ or "").strip().split("\n\n")[0].replace("``", "").split())
 
 
 # --- load ---------------------------------------------------------------------------------------------------------
@@ -282,10 +283,12 @@ FINETUNED_STATE = "finetuned.safetensors"
 
 def _save_qmodel(name: str):
     def save(c: Compilation, state: Path) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        tensors = {k: v.detach().contiguous().clone() for k, v in c.qmodel.state_dict().items()}
-        save_file(tensors, str(state / name))
+        from pfq_edge.io import atomic_write_bytes
+
+        atomic_write_bytes(state / name, save({k: v.detach().contiguous().clone()
+                                               for k, v in c.qmodel.state_dict().items()}))
     return save
 
 
@@ -294,8 +297,9 @@ def _load_qmodel(c: Compilation, path: Path) -> None:
 
     try:
         c.qmodel.load_state_dict(load_file(str(path)), strict=True)
-    except Exception as exc:  # a missing, truncated or foreign file: the saved steps cannot be reused
-        raise ModelError(f"cannot restore the quantized model from {path}: {one_line(exc, 160)}") from None
+    except Exception as exc:  # a truncated or foreign file: the saved steps cannot be reused
+        shown = c.final / path.parent.name / path.name  # the user's folder, not the staging copy
+        raise ModelError(f"cannot restore the quantized model from {shown}: {one_line(exc, 160)}") from None
     c.qmodel.eval()
 
 
@@ -385,9 +389,9 @@ FRONT_END = [
     Step("prune", prune, requires=("load",), reads=("pfq", "quant.weight_bit_width"),
          golden=("prune exact", "prune approximate", "bn-epsilon guard"), restore=_restore_prune),
     Step("quantize", quantize, requires=("prune",), reads=("quant",), restore=_restore_quantize,
-         save=_save_qmodel(QUANTIZED_STATE)),
+         save=_save_qmodel(QUANTIZED_STATE), saves=(QUANTIZED_STATE,)),
     Step("finetune", finetune, requires=("quantize",), reads=("finetune",), restore=_restore_finetune,
-         save=_save_finetuned),
+         save=_save_finetuned, saves=(FINETUNED_STATE,)),
 ]
 
 

@@ -223,6 +223,17 @@ def test_stop_after_finetune_then_resume_gives_the_same_package(compiled, tmp_pa
     assert {p.name for p in (out / "steps").iterdir()} == {"state.json", "quantized.safetensors",
                                                            "finetuned.safetensors"}
     assert not list(out.glob("*.tar.gz")) and not (out / "model.qonnx.onnx").exists()
+    saved = out / "steps" / "finetuned.safetensors"
+    original = saved.read_bytes()
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(saved))
+    tensors[next(k for k in tensors if k.endswith("weight"))].zero_()  # valid file, other weights
+    save_file(tensors, str(saved))
+    tampered = run(*args, "--from-step", "export")
+    assert tampered.returncode == 2 and one_line_error(tampered), tampered.stderr
+    assert "finetuned.safetensors is missing or does not match its sha256" in tampered.stderr
+    saved.write_bytes(original)
     resumed = run(*args, "--from-step", "export")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     package = next(compiled[0].glob("*.tar.gz")).name
@@ -257,3 +268,20 @@ def test_bad_step_options_give_one_line(tmp_path, args, words):
     proc = run("compile", *target, "--out", str(tmp_path / "o"), *args)
     assert proc.returncode == 2 and one_line_error(proc) and words in proc.stderr, proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_resume_notices_a_factory_whose_code_changed(tmp_path):
+    # `module:factory` is named the same after its code changed: the loaded model's state dict is compared too
+    source = "import torch\nfrom pfq_edge.zoo import fashion_dscnn\n\ndef net():\n    torch.manual_seed(SEED)\n" \
+             "    return fashion_dscnn((8, 16, 16)).eval()\n"
+    (tmp_path / "mynets.py").write_text(source.replace("SEED", "0"))
+    env = {**ENV, "PYTHONPATH": str(tmp_path)}
+    args = [sys.executable, "-m", "pfq_edge", "compile", "--target", "fpga", "--model", "mynets:net", "--epochs", "0",
+            "--out", str(tmp_path / "o")]
+    first = subprocess.run([*args, "--to-step", "prune"], capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (tmp_path / "mynets.py").write_text(source.replace("SEED", "1"))
+    again = subprocess.run([*args, "--from-step", "quantize"], capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 2 and one_line_error(again) and "compiled from another model" in again.stderr, \
+        again.stderr
+    assert (tmp_path / "o" / "steps" / "state.json").is_file() and not (tmp_path / "o" / "report.json").exists()

@@ -28,7 +28,7 @@ class ProfileError(PfqError):
 
 
 class GoldenCheckError(PfqError):
-    """A stage's output disagrees with the previous stage beyond its tolerance."""
+    """A step's output disagrees with the previous step's beyond its tolerance (pfq_edge.golden.TOLERANCES)."""
 
     exit_code = 6
 

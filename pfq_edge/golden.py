@@ -1,4 +1,4 @@
-"""Golden checks at stage boundaries: a stage's output against the previous stage's on the same inputs.
+"""Golden checks at step boundaries: a step's output against the previous step's on the same inputs.
 
 Quantized networks make exact equality the wrong test between two runtimes: float32 sums in a different order put
 a value on the other side of a rounding boundary now and then, the activation moves by one quantization step and

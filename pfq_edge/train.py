@@ -1,6 +1,6 @@
 """Training, quantization-aware fine-tuning and evaluation loops (plain PyTorch; CPU, or several processes).
 
-Used by ``examples/train_fashion_mnist.py`` for the float baselines and by the finetune stage for QAT.
+Used by ``examples/train_fashion_mnist.py`` for the float baselines and by the finetune step for QAT.
 Under ``torchrun --nproc_per_node=N`` (torch.distributed initialised, see ``dist.py``) every global batch is split
 across the processes, gradients and metrics are summed over them, and only rank 0 writes checkpoints, so N
 processes follow the same trajectory as one (up to floating-point summation order).

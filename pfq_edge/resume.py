@@ -9,7 +9,6 @@ refuses, naming the first difference, if any changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import typing
@@ -23,29 +22,12 @@ FORMAT = "pfq-edge-steps"
 FORMAT_VERSION = 1
 
 
-def _sha256(path) -> str | None:
-    if path is None:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def base_inputs(c) -> dict:
+def base_inputs(c, weights_sha256: str | None) -> dict:
     """What every step depends on: the model, its weights (by content), the data and the target kind."""
     from pfq_edge.data import DEFAULT_DATA_DIR
 
-    return {"model": c.config.model, "weights_sha256": _sha256(c.config.weights),
+    return {"model": c.config.model, "weights_sha256": weights_sha256,
             "data": str(Path(c.config.data_dir or DEFAULT_DATA_DIR).resolve()), "kind": c.profile.kind}
-
-
-def model_sha256(c) -> str:
-    """The loaded float model by content (state dict), whatever file or factory code it came from."""
-    from pfq_edge.export.package import state_dict_sha256
-
-    return state_dict_sha256(c.float_model)
 
 
 def step_inputs(profile, step) -> dict:
@@ -64,11 +46,14 @@ def save_state(c, plan: list, folder: Path) -> None:
     from pfq_edge.io import atomic_write_text
     from pfq_edge.report import to_json
 
+    from pfq_edge.export.package import sha256_file
+
     done = [s for s in plan if s.name in c.results]
-    doc = {"format": FORMAT, "version": FORMAT_VERSION, "target": c.profile.name, "inputs": base_inputs(c),
-           "model_sha256": model_sha256(c),
+    loaded = c.result("load")  # the hashes of the model and weights, computed once when they were loaded
+    doc = {"format": FORMAT, "version": FORMAT_VERSION, "target": c.profile.name,
+           "inputs": base_inputs(c, loaded.weights_sha256), "model_sha256": loaded.source_sha256,
            "steps": [{"name": s.name, "reads": step_inputs(c.profile, s), "result": c.results[s.name].to_state(),
-                      "files": {f: _sha256(folder / f) for f in s.saves if (folder / f).is_file()}}
+                      "files": {f: sha256_file(folder / f) for f in s.saves if (folder / f).is_file()}}
                      for s in done]}
     folder.mkdir(exist_ok=True)
     atomic_write_text(folder / STATE_FILE, to_json(doc))
@@ -112,7 +97,10 @@ def resume(c, plan: list, from_step: str, out: Path) -> list:
     missing = [s.name for s in reused if s.name not in saved]
     if missing:
         raise PfqError(f"{option}: {out} stopped before step {missing[0]!r}; resume from it or an earlier step")
-    diff = _first_difference(doc["inputs"], base_inputs(c), "")
+    from pfq_edge.export.package import sha256_file, state_dict_sha256
+
+    weights = Path(c.config.weights) if c.config.weights else None
+    diff = _first_difference(doc["inputs"], base_inputs(c, sha256_file(weights) if weights else None), "")
     for step in reused:
         diff = diff or _first_difference(saved[step.name]["reads"], step_inputs(c.profile, step), "")
     if diff:
@@ -120,7 +108,8 @@ def resume(c, plan: list, from_step: str, out: Path) -> list:
                        f"--from-step")
     for step in reused:
         for name, digest in saved[step.name].get("files", {}).items():
-            if _sha256_or_none(Path(out) / STATE_DIR / name) != digest:
+            path = Path(out) / STATE_DIR / name
+            if not path.is_file() or sha256_file(path) != digest:
                 raise PfqError(f"{option}: {Path(out) / STATE_DIR / name} is missing or does not match its sha256 in "
                                f"{STATE_FILE} (modified); compile again without --from-step")
     shutil.copytree(Path(out) / STATE_DIR, c.work / STATE_DIR)
@@ -136,11 +125,8 @@ def resume(c, plan: list, from_step: str, out: Path) -> list:
     for step in reused:
         if step.restore is not None:
             step.restore(c, state)
-        if step.name == "load" and doc.get("model_sha256") != model_sha256(c):
+        if step.name == "load" and doc.get("model_sha256") != state_dict_sha256(c.float_model):
             raise PfqError(f"{option}: {out} was compiled from another model (the weights of {c.config.model!r} "
                            f"differ); compile again without --from-step")
     return plan[len(reused):]
 
-
-def _sha256_or_none(path: Path) -> str | None:
-    return _sha256(path) if path.is_file() else None

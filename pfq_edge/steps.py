@@ -58,6 +58,8 @@ class LoadResult(StepResult):
     validation_images: int
     test_images: int
     float_top1: float
+    source_sha256: str = ""            # the float model by content: its state dict (manifest, --from-step)
+    weights_sha256: str | None = None  # the --weights file by content
 
     def report(self) -> dict:
         return {"model": self.model, "weights": self.weights, "parameters": self.parameters,
@@ -72,6 +74,7 @@ class LoadResult(StepResult):
 def load(c: Compilation) -> LoadResult:
     """Load the float model and Fashion-MNIST, hold out the validation images, check the model's input and output
     shapes and layers, and measure float top-1 on the test set."""
+    from pfq_edge.export.package import sha256_file, state_dict_sha256
     from pfq_edge.train import predict, top1
 
     weights = _load_inputs(c)
@@ -79,7 +82,8 @@ def load(c: Compilation) -> LoadResult:
     return LoadResult(model=c.config.model, weights=str(weights) if weights else None,
                       parameters=sum(p.numel() for p in c.float_model.parameters()), train_images=len(c.data.train),
                       validation_images=c.profile.finetune.validation_images, test_images=len(c.data.test),
-                      float_top1=top1(c.float_logits, c.data.test))
+                      float_top1=top1(c.float_logits, c.data.test), source_sha256=state_dict_sha256(c.float_model),
+                      weights_sha256=sha256_file(c.config.weights) if c.config.weights else None)
 
 
 def _load_inputs(c: Compilation):
@@ -205,10 +209,9 @@ def prune(c: Compilation) -> PruneResult:
     from pfq_edge.train import predict, top1
 
     pfq, test = c.profile.pfq, c.data.test
-    if pfq.rule == "off":
-        c.pruned_model = c.float_model
-        return PruneResult(rule="off", filters_removed=0, constant_total=0, exact=True)
     analysis = _apply_pfq(c)
+    if analysis is None:
+        return PruneResult(rule="off", filters_removed=0, constant_total=0, exact=True)
     exact = all(g.exact for g in analysis.plan.groups)
     result = PruneResult(rule=pfq.rule, filters_removed=analysis.plan.filters_removed,
                          constant_total=analysis.constant_total, exact=exact, analysis=analysis.as_dict())
@@ -227,20 +230,21 @@ def prune(c: Compilation) -> PruneResult:
 
 
 def _apply_pfq(c: Compilation):
-    """c.pruned_model = PfQ of c.float_model with the profile's rule (deterministic: BN statistics only)."""
+    """c.pruned_model = PfQ of c.float_model with the profile's rule (deterministic: BN statistics only); returns
+    the PfqAnalysis, or None for rule "off" (the float model itself)."""
     from pfq_edge.pfq.analyze import analyze_pfq
 
     pfq = c.profile.pfq
+    if pfq.rule == "off":
+        c.pruned_model = c.float_model
+        return None
     c.pruned_model, analysis = analyze_pfq(c.float_model, c.data.test.images[:1],
                                            bits=c.profile.quant.weight_bit_width, tol=pfq.tol, rule=pfq.rule)
     return analysis
 
 
 def _restore_prune(c: Compilation, _state: Path) -> None:
-    if c.profile.pfq.rule == "off":
-        c.pruned_model = c.float_model
-    else:
-        _apply_pfq(c)
+    _apply_pfq(c)
 
 
 # --- quantize -----------------------------------------------------------------------------------------------------
@@ -424,7 +428,6 @@ def package(c: Compilation) -> PackageResult:
 def manifest_info(c: Compilation, backend, doc: dict) -> dict:
     """The manifest fields that describe this compile (export/package.py, ``Manifest``); the backend adds its
     latency, runtime and size entries; the golden checks are those of the report document ``doc``."""
-    from pfq_edge.export.package import state_dict_sha256
     from pfq_edge.report import golden_checks
 
     prune_result, quant = c.result("prune"), c.result("quantize")
@@ -433,7 +436,7 @@ def manifest_info(c: Compilation, backend, doc: dict) -> dict:
     target = backend.manifest(c)
     runtime = {**target["runtime"], "input_shape": list(c.spec.shape)}
     return {"model": {"name": c.config.model, "weights": Path(c.config.weights).name if c.config.weights else None,
-                      "source_sha256": state_dict_sha256(c.float_model)},
+                      "source_sha256": c.result("load").source_sha256},
             "target": c.profile.name, "kind": c.profile.kind,
             "profile": c.profile.model_dump(exclude={"source"}), "bits": backend.bits_label(c.profile.quant),
             "pfq": {k: getattr(prune_result, k) for k in ("rule", "filters_removed", "constant_total", "exact")},

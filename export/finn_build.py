@@ -45,13 +45,17 @@ def write_finn_reports(report_dir: Path, build_log: Path, folder: Path) -> tuple
     return [f for f in files if f.name not in RUN_TO_RUN], [f for f in files if f.name in RUN_TO_RUN]
 
 
-def write_finn_build_config(qonnx_path: Path, fpga, input_bits: int, folding: dict, folder: Path) -> list[Path]:
+def write_finn_build_config(qonnx_path: Path, fpga, input_bits: int, folding: dict, folder: Path,
+                            clip_thresholds: bool = False) -> list[Path]:
     """A FINN build to continue where Vivado exists: ``folder``/model.onnx (the QONNX model with its integer pixel
     input), folding_config.json (the folding this estimate chose, so the bitfile matches it) and
     dataflow_build_config.json (FINN's own DataflowBuildConfig: board, part, clock, every output up to the PYNQ
     deployment package; paths relative to the folder). Run ``finn build dataflow_build_config.json model.onnx`` in
-    it. Returns the three paths. Needs FINN imported for its config class (inside ``finn_session``)."""
-    from finn.builder.build_dataflow_config import DataflowBuildConfig, DataflowOutputType, ShellFlowType
+    it. Returns the three paths. Needs FINN imported for its config class (inside ``finn_session``).
+    ``clip_thresholds``: the build lists FINN's default steps plus finn_steps.py's (copied into the folder; run
+    with ``PYTHONPATH=.``)."""
+    from finn.builder.build_dataflow_config import (DataflowBuildConfig, DataflowOutputType, ShellFlowType,
+                                                    default_build_dataflow_steps)
 
     folder.mkdir(parents=True, exist_ok=True)
     model = write_finn_input_model(qonnx_path, folder / "model.onnx", input_bits)
@@ -62,5 +66,12 @@ def write_finn_build_config(qonnx_path: Path, fpga, input_bits: int, folding: di
                               folding_config_file=Path("folding_config.json"),
                               generate_outputs=[DataflowOutputType(x) for x in FINN_BUILD_OUTPUTS])
     doc = json.loads(cfg.to_json())
+    files = [model, folder / "folding_config.json", folder / "dataflow_build_config.json"]
+    if clip_thresholds:
+        steps = list(default_build_dataflow_steps)
+        steps.insert(steps.index("step_streamline") + 1, "finn_steps.step_pfq_clip_thresholds")
+        doc["steps"] = steps
+        shutil.copy(Path(__file__).parent / "device" / "finn_steps.py", folder / "finn_steps.py")
+        files.append(folder / "finn_steps.py")
     (folder / "dataflow_build_config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    return [model, folder / "folding_config.json", folder / "dataflow_build_config.json"]
+    return files

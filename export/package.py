@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pfq_edge.errors import PackageError
 
-MANIFEST_SCHEMA_VERSION = 2
+MANIFEST_SCHEMA_VERSION = 3  # 3 added dataset, runtime.preprocess / accelerator_input; verify reads 2 too
 RUNNER = Path(__file__).parent / "device" / "run.py"
 
 
@@ -41,14 +41,17 @@ class RuntimeEntry(BaseModel):
     device: Literal["cpu", "cuda"] | None = None
     batch_size: int = Field(ge=1)
     input_shape: list[int] = Field(min_length=3, max_length=3)
+    preprocess: dict | None = None       # what run.py applies to an image file: channels, image_size, center_crop
+    accelerator_input: str | None = None  # FPGA: what the accelerator's input stream carries
 
 
 class Manifest(BaseModel):
-    """manifest.json, schema version 2 (docs/package.md, "Deployment package"). Sizes in bytes or bits as named, latency in
-    ms, accuracy as fractions of the Fashion-MNIST test set."""
+    """manifest.json, schema version 3 (docs/package.md, "Deployment package"). Sizes in bytes or bits as named, latency in
+    ms, accuracy as fractions of the dataset's test split (``dataset``: name, kind, source, sha256, image counts,
+    preprocessing)."""
 
     model_config = ConfigDict(extra="forbid")
-    schema_version: Literal[2]
+    schema_version: Literal[2, 3]
     tool: str
     model: dict               # name, weights file, source_sha256 (of the float model's state dict)
     target: str
@@ -62,6 +65,7 @@ class Manifest(BaseModel):
     size: dict                # logical weight bits, file sizes
     runtime: RuntimeEntry
     classes: list[str]
+    dataset: dict | None = None
     versions: dict[str, str]
     files: dict[str, FileEntry]
 

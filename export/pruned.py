@@ -15,8 +15,10 @@ FORMAT = "pfq-edge-pruned"
 FORMAT_VERSION = "1"
 
 
-def save_pruned(pruned_model, plan, spec: str, path: Path, source_weights: Path | None = None) -> Path:
-    """Write ``pruned_model``'s state dict with ``plan.structure()`` and ``spec`` to ``path`` (atomically)."""
+def save_pruned(pruned_model, plan, spec: str, path: Path, source_weights: Path | None = None,
+                model_args: dict | None = None) -> Path:
+    """Write ``pruned_model``'s state dict with ``plan.structure()``, ``spec`` and the factory's ``model_args``
+    to ``path`` (atomically)."""
     from safetensors.torch import save
 
     from pfq_edge.io import atomic_write_bytes
@@ -24,6 +26,8 @@ def save_pruned(pruned_model, plan, spec: str, path: Path, source_weights: Path 
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": spec,
             "structure": json.dumps(plan.structure(), sort_keys=True), "tol": repr(plan.tol),
             "filters_removed": str(plan.filters_removed)}
+    if model_args:
+        meta["model_args"] = json.dumps(model_args, sort_keys=True)
     if source_weights is not None:
         meta["source_weights"] = Path(source_weights).name
         meta["source_weights_sha256"] = hashlib.sha256(Path(source_weights).read_bytes()).hexdigest()

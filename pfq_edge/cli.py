@@ -52,11 +52,83 @@ def _fail(message: str, code: int) -> None:
 
 
 def _info(message: str) -> None:
-    """Stage progress on an interactive terminal only, so that scripted runs see just the result or one error."""
-    from pfq_edge.progress import enabled
-
-    if enabled():
+    """Stage progress on stderr, also in logs and pipes (stdout keeps only the result); PFQ_EDGE_QUIET=1 hides it."""
+    if not os.environ.get("PFQ_EDGE_QUIET"):
         typer.echo(message, err=True)
+
+
+def _data_option():
+    return typer.Option(None, "--data", help="Images: fashion-mnist (default), an image folder DIR/{train,test}/"
+                                             "<class>/*.png|jpg, an .npz (x_train, y_train, x_test, y_test), "
+                                             "package.module:factory (Python datasets) or a data .toml "
+                                             "(docs/data.md).")
+
+
+def _image_size_option():
+    return typer.Option(None, "--image-size", help="Resize images to H[,W] pixels (bilinear, antialiased).")
+
+
+def _crop_option():
+    return typer.Option(False, "--center-crop", help="With --image-size: resize the shorter side, cut out the "
+                                                     "middle.")
+
+
+def _channels_option():
+    return typer.Option(None, "--channels", help="Convert images to 1 (grey) or 3 (RGB) channels.")
+
+
+def _mean_option():
+    return typer.Option(None, "--mean", help="Per-channel mean of pixels in [0, 1], comma list (with --std); "
+                                             "applied inside the compiled model.")
+
+
+def _std_option():
+    return typer.Option(None, "--std", help="Per-channel std of pixels in [0, 1], comma list (with --mean).")
+
+
+def _model_arg_option():
+    return typer.Option(None, "--model-arg", help="KEY=VALUE keyword argument for a module:factory model "
+                                                  "(Python literal; repeatable), e.g. num_classes=5.")
+
+
+def _numbers(text: Optional[str], option: str, kind=float) -> Optional[tuple]:
+    if text is None:
+        return None
+    try:
+        values = tuple(kind(v) for v in text.replace(" ", "").split(",") if v != "")
+    except ValueError:
+        raise PfqError(f"{option} {text!r}: expected comma-separated numbers") from None
+    if not values:
+        raise PfqError(f"{option} {text!r}: expected comma-separated numbers")
+    return values
+
+
+def _data_spec(data, data_dir, image_size, center_crop, channels, mean, std):
+    from pfq_edge.datasets import make_spec
+    from pfq_edge.errors import DataError
+
+    size = _numbers(image_size, "--image-size", int)
+    if size is not None and len(size) not in (1, 2):
+        raise DataError(f"--image-size {image_size!r}: expected H or H,W")
+    return make_spec(data, data_dir, image_size=size, center_crop=center_crop, channels=channels,
+                     mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"))
+
+
+def _model_args(values: Optional[list[str]]) -> dict:
+    """``--model-arg KEY=VALUE`` pairs as a dict; values are Python literals (ast.literal_eval)."""
+    import ast
+
+    out = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise PfqError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. num_classes=5")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise PfqError(f"--model-arg {item!r}: the value must be a Python literal (number, string in quotes, "
+                           f"tuple, list, True/False/None)") from None
+    return out
 
 
 @app.command("compile")
@@ -67,6 +139,13 @@ def compile_cmd(
     model: str = typer.Option("fashion-dscnn", "--model", "-m", help="Zoo name or package.module:factory."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict: .safetensors, or a torch file "
                                                                     "loaded with weights_only=True."),
+    model_arg: Optional[list[str]] = _model_arg_option(),
+    data: Optional[str] = _data_option(),
+    image_size: Optional[str] = _image_size_option(),
+    center_crop: bool = _crop_option(),
+    channels: Optional[int] = _channels_option(),
+    mean: Optional[str] = _mean_option(),
+    std: Optional[str] = _std_option(),
     weight_bits: Optional[int] = typer.Option(None, "--weight-bits",
                                               help="Weight bit width 2–8 (profile quant.weight_bit_width)."),
     act_bits: Optional[int] = typer.Option(None, "--act-bits",
@@ -140,7 +219,8 @@ def compile_cmd(
     }
     cfg = CompileConfig(model=model, target=targets[0], out=out, weights=weights, overrides=overrides,
                         data_dir=data_dir, force=force, checkpoint=checkpoint, resume=resume, tuning_db=tuning_db,
-                        to_step=to_step, from_step=from_step)
+                        to_step=to_step, from_step=from_step, model_args=_model_args(model_arg),
+                        data=_data_spec(data, data_dir, image_size, center_crop, channels, mean, std))
     cfg.check()
     profiles = effective_profiles(cfg, targets)  # fail fast on a bad target or option, before heavy imports
     if list_steps:
@@ -152,7 +232,7 @@ def compile_cmd(
         from pfq_edge.train import read_checkpoint
 
         read_checkpoint(checkpoint)  # a corrupt file fails now, not after minutes of work
-    done = compile_targets(cfg, targets, log=None if as_json else _info)
+    done = compile_targets(cfg, targets, log=_info)
     if dist.rank_and_world()[0] != 0:
         return
     if "package" not in done[0].results:
@@ -256,6 +336,9 @@ def analyze_cmd(
     model: str = typer.Argument(..., help="Zoo name (e.g. efficientnet-lite0), package.module:factory, or a pruned "
                                           ".safetensors file."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for a module:factory model."),
+    model_arg: Optional[list[str]] = _model_arg_option(),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="C,H,W of one input image (default: "
+                                                                          "the zoo's, or found from the model)."),
     target: str = typer.Option("fpga", "--target", "-t", help="Profile whose weight bit width sets the step."),
     bits: Optional[int] = typer.Option(None, "--bits", min=2, max=8, help="Weight bit width (overrides --target)."),
     tol: float = typer.Option(1e-6, "--tol", min=0.0, help="Post-BN std at or below which a filter is constant."),
@@ -272,8 +355,9 @@ def analyze_cmd(
     from pfq_edge.zoo import load_model
 
     _check_rule(rule)
-    loaded = load_model(model, weights)
-    _, analysis = analyze_pfq(loaded.module, torch.zeros(1, *loaded.input_shape), bits=_bits_for(target, bits), tol=tol,
+    loaded = load_model(model, weights, _model_args(model_arg))
+    shape = _input_shape(loaded, input_shape)
+    _, analysis = analyze_pfq(loaded.module, torch.zeros(1, *shape), bits=_bits_for(target, bits), tol=tol,
                               rule=rule)
     if plot is not None:
         from pfq_edge.plots import plot_folded_ranges
@@ -321,12 +405,22 @@ def prune_cmd(
     model: str = typer.Argument(..., help="Zoo name or package.module:factory."),
     out: Path = typer.Option(..., "--out", "-o", help="Pruned model file (.safetensors)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for a module:factory model."),
+    model_arg: Optional[list[str]] = _model_arg_option(),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="C,H,W of one input image (default: "
+                                                                          "the data's, the zoo's, or found from "
+                                                                          "the model)."),
     tol: float = typer.Option(1e-6, "--tol", min=0.0, help="Post-BN std at or below which a filter is constant."),
     rule: str = typer.Option("exact", "--rule", help="PfQ rule: exact (post-BN std ≤ --tol) | bn-epsilon "
                                                      "(also σ² ≤ ε: an approximation, check it with data)."),
-    check: int = typer.Option(0, "--check", min=0, help="Compare pruned vs original logits on this many "
-                                                         "Fashion-MNIST test images (adapted to the model's input)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    check: int = typer.Option(0, "--check", min=0, help="Compare pruned vs original logits on this many test "
+                                                         "images of --data."),
+    data: Optional[str] = _data_option(),
+    image_size: Optional[str] = _image_size_option(),
+    center_crop: bool = _crop_option(),
+    channels: Optional[int] = _channels_option(),
+    mean: Optional[str] = _mean_option(),
+    std: Optional[str] = _std_option(),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Fashion-MNIST IDX folder."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ) -> None:
     """Remove constant filters with compensation and write the pruned model (safetensors; reload it anywhere a
@@ -341,15 +435,19 @@ def prune_cmd(
     if out.suffix != ".safetensors":
         raise OutputError(f"--out must end in .safetensors, got {out}")
     _check_rule(rule)
-    loaded = load_model(model, weights)
-    pruned, analysis = analyze_pfq(loaded.module, torch.zeros(1, *loaded.input_shape), tol=tol, rule=rule)
+    spec = _data_spec(data, data_dir, image_size, center_crop, channels, mean, std)
+    loaded = load_model(model, weights, _model_args(model_arg))
+    dataset = _check_data(loaded, spec, model) if check else None
+    shape = tuple(dataset.shape) if dataset is not None else _input_shape(loaded, input_shape)
+    pruned, analysis = analyze_pfq(loaded.module, torch.zeros(1, *shape), tol=tol, rule=rule)
     result = {"model": model, "out": str(out), "rule": rule, "filters_removed": analysis.plan.filters_removed,
               "constant_total": analysis.constant_total, "constant_left": analysis.constant_left,
               "exact": all(g.exact for g in analysis.plan.groups)}
     if check:
-        result["check"] = _compare_on_images(loaded, pruned, check, data_dir, result["exact"])
+        result["check"] = _compare_on_images(loaded, pruned, check, dataset, result["exact"])
     try:
-        save_pruned(pruned, analysis.plan, model, out, source_weights=loaded.weights)
+        save_pruned(pruned, analysis.plan, model, out, source_weights=loaded.weights,
+                    model_args=_model_args(model_arg))
     except OSError as exc:
         raise OutputError(f"cannot write {out}: {exc.strerror}") from None
     if as_json:
@@ -363,14 +461,46 @@ def prune_cmd(
                    f"{c['argmax_agreement']:.2%}")
 
 
-def _compare_on_images(loaded, pruned, n: int, data_dir: Optional[Path], exact: bool) -> dict:
-    """The compile's prune golden check on ``n`` test images adapted to the model; raises GoldenCheckError."""
-    from pfq_edge.data import adapt_images, load_split
+def _input_shape(loaded, text: Optional[str]) -> tuple[int, int, int]:
+    """--input-shape C,H,W, else the model's known input shape, else one found by trying sizes (zoo.py)."""
+    from pfq_edge.errors import ModelError
+    from pfq_edge.zoo import find_input_shape
+
+    if text is not None:
+        shape = _numbers(text, "--input-shape", int)
+        if len(shape) != 3 or min(shape) < 1:
+            raise PfqError(f"--input-shape {text!r}: expected C,H,W, e.g. 3,32,32")
+        return shape
+    if loaded.input_shape is not None:
+        return tuple(loaded.input_shape)
+    shape = find_input_shape(loaded.module)
+    if shape is None:
+        raise ModelError(f"model {loaded.name!r}: no input size found that it runs on; pass --input-shape C,H,W")
+    _info(f"input shape {shape} (from the model; --input-shape C,H,W sets it)")
+    return shape
+
+
+def _check_data(loaded, spec, name: str):
+    """The data of ``prune --check``, checked against the model (DataError on a mismatch)."""
+    from pfq_edge.compilation import InputSpec
+    from pfq_edge.datasets import load_dataset
+    from pfq_edge.steps import check_data_fits
+
+    dataset = load_dataset(spec)
+    check_data_fits(loaded.module, name, InputSpec(tuple(dataset.shape), tuple(dataset.classes),
+                                                   dataset.normalization), dataset)
+    return dataset
+
+
+def _compare_on_images(loaded, pruned, n: int, dataset, exact: bool) -> dict:
+    """The compile's prune golden check on the first ``n`` test images of ``dataset``; raises GoldenCheckError."""
+    from pfq_edge.datasets.normalize import normalize
     from pfq_edge.steps import prune_golden_check
     from pfq_edge.train import predict
 
-    images = adapt_images(load_split("test", data_dir).images[:n], loaded.input_shape,
-                          bool(loaded.info.get("imagenet_norm")))
+    images = dataset.test.take(n).images
+    if dataset.normalization is not None:
+        images = normalize(images, *dataset.normalization)
     ref, out = predict(loaded.module, images, batch_size=50), predict(pruned, images, batch_size=50)
     return prune_golden_check("prune --check (pruned vs original)", ref.numpy(), out.numpy(), exact).as_dict()
 

@@ -46,6 +46,14 @@ class CompileConfig:
     tuning_db: Path | None = None
     to_step: str | None = None
     from_step: str | None = None
+    data: object = None          # a pfq_edge.datasets.DataSpec; None: Fashion-MNIST from ``data_dir``
+    model_args: dict = field(default_factory=dict)  # keyword arguments for a ``module:factory`` model
+
+    @property
+    def data_spec(self):
+        from pfq_edge.datasets import DataSpec
+
+        return self.data if self.data is not None else DataSpec(data_dir=self.data_dir)
 
     def check(self) -> None:
         """Validate the options that need no profile or model, before any heavy import. Raises PfqError (one line;
@@ -74,10 +82,12 @@ def _check_writable_file(path: Path, option: str, example: str) -> None:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model takes and gives: one image (C, H, W) float32 in [0, 1]; logits (N, len(classes))."""
+    """What the model takes and gives: one image (C, H, W) float32 in [0, 1]; logits (N, len(classes)).
+    ``normalization``: per-channel (mean, std) the compiled model applies to its input (None: none)."""
 
     shape: tuple[int, int, int]
     classes: tuple[str, ...]
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -87,12 +97,18 @@ class InputSpec:
 @dataclass
 class Dataset:
     """The images a compile uses: ``train`` (calibration, fine-tuning), ``val`` (early stopping; optional) and
-    ``test`` (top-1, golden checks), each a ``pfq_edge.data.Split``."""
+    ``test`` (top-1, golden checks), each a ``pfq_edge.datasets.Split``; ``classes`` their names, ``shape`` one
+    image (C, H, W), ``normalization`` (mean, std) or None, ``record`` the manifest's dataset entry
+    (pfq_edge/datasets/__init__.py, ``load_dataset``)."""
 
     name: str
     train: object
     test: object
     val: object | None = None
+    classes: tuple[str, ...] = ()
+    shape: tuple[int, ...] = ()
+    normalization: tuple | None = None
+    record: dict = field(default_factory=dict)
 
 
 @dataclass

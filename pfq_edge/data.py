@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import gzip
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pfq_edge.datasets.split import Split
 from pfq_edge.errors import DataError
 
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -22,23 +22,6 @@ _FILES = {
 }
 _IDX_DTYPES = {0x08: np.uint8}
 _INSTALL_HINT = "install the Debian package: apt-get install dataset-fashion-mnist (or pass --data-dir)"
-
-
-@dataclass(frozen=True)
-class Split:
-    """One split: ``images`` float32 (N, 1, 28, 28) in [0, 1], ``labels`` int64 (N,)."""
-
-    images: "torch.Tensor"  # noqa: F821
-    labels: "torch.Tensor"  # noqa: F821
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def subset(self, n: int | None) -> "Split":
-        """The first ``n`` samples (all if n is None or larger than the split)."""
-        if n is None or n >= len(self):
-            return self
-        return Split(self.images[:n], self.labels[:n])
 
 
 def read_idx(path: Path) -> np.ndarray:

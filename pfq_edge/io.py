@@ -97,3 +97,15 @@ def staged_dir(out: Path, force: bool = False):
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def import_user_module(name: str):
+    """importlib.import_module(name) with the working directory on sys.path, as ``python -m`` has it: a user's
+    ``mymodels:net`` next to where they run pfq-edge imports without PYTHONPATH."""
+    import importlib
+    import sys
+
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    return importlib.import_module(name)

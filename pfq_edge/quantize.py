@@ -92,11 +92,46 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
                     and isinstance(qm.get_submodule(n.target), qnn.QuantIdentity)]
     if len(input_quants) != 1:
         raise ModelError("the quantized model has no single input quantizer (one image input expected)")
-    setattr(qm, input_quants[0].target,
-            qnn.QuantIdentity(act_quant=_input_quantizer(spec.input_bit_width), return_quant_tensor=True))
+    if _normalization_output(qm) is not None:
+        _quantize_after_normalization(qm, input_quants[0], spec.input_bit_width)
+    else:
+        setattr(qm, input_quants[0].target,
+                qnn.QuantIdentity(act_quant=_input_quantizer(spec.input_bit_width), return_quant_tensor=True))
     _set_edge_layer_bits(qm, spec)
     qm.eval()
     return qm
+
+
+def _normalization_output(gm: fx.GraphModule):
+    """The node computing (x − mean) / std (datasets/normalize.py), or None if the model has no normalisation."""
+    from pfq_edge.datasets.normalize import STD_BUFFER
+
+    std = next((n for n in gm.graph.nodes if n.op == "get_attr" and n.target == STD_BUFFER), None)
+    return next(iter(std.users)) if std is not None else None
+
+
+def _quantize_after_normalization(qm: fx.GraphModule, pixel_quant: fx.Node, bits: int) -> None:
+    # The model normalises its [0, 1] input: quantize the normalised values (signed, calibrated scale), not the
+    # pixels, so that one quantizer sits at the input and FINN can absorb the Sub/Div into its thresholds.
+    import brevitas.nn as qnn
+    from brevitas.quant import Int8ActPerTensorFloat
+
+    pixel_quant.replace_all_uses_with(pixel_quant.args[0])
+    qm.graph.erase_node(pixel_quant)
+    out = _normalization_output(qm)
+    quant = qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat, bit_width=bits, return_quant_tensor=True)
+    users = list(out.users)
+    if len(users) == 1 and users[0].op == "call_module" and isinstance(qm.get_submodule(users[0].target),
+                                                                      qnn.QuantIdentity):
+        setattr(qm, users[0].target, quant)  # Brevitas' own quantizer before the first layer: replace it
+    else:
+        qm.add_submodule("input_quant", quant)
+        with qm.graph.inserting_after(out):
+            node = qm.graph.call_module("input_quant", (out,))
+        for user in users:
+            user.replace_input_with(out, node)
+    qm.graph.lint()
+    qm.recompile()
 
 
 def compute_layers(qmodel: nn.Module) -> list[str]:

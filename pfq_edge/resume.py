@@ -23,11 +23,10 @@ FORMAT_VERSION = 1
 
 
 def base_inputs(c, weights_sha256: str | None) -> dict:
-    """What every step depends on: the model, its weights (by content), the data and the target kind."""
-    from pfq_edge.data import DEFAULT_DATA_DIR
-
-    return {"model": c.config.model, "weights_sha256": weights_sha256,
-            "data": str(Path(c.config.data_dir or DEFAULT_DATA_DIR).resolve()), "kind": c.profile.kind}
+    """What every step depends on: the model (and its factory's arguments), its weights (by content), the data
+    (source and preprocessing; its content is compared after the load step's restore) and the target kind."""
+    return {"model": c.config.model, "model_args": c.config.model_args, "weights_sha256": weights_sha256,
+            "data": c.config.data_spec.facts(), "kind": c.profile.kind}
 
 
 def step_inputs(profile, step) -> dict:
@@ -125,6 +124,9 @@ def resume(c, plan: list, from_step: str, out: Path) -> list:
     for step in reused:
         if step.restore is not None:
             step.restore(c, state)
+        if step.name == "load" and c.results["load"].dataset.get("sha256") != c.data.record.get("sha256"):
+            raise PfqError(f"{option}: the images of {c.config.data_spec.source} changed since {out} was compiled "
+                           f"(dataset sha256 differs); compile again without --from-step")
         if step.name == "load" and doc.get("model_sha256") != state_dict_sha256(c.float_model):
             raise PfqError(f"{option}: {out} was compiled from another model (the weights of {c.config.model!r} "
                            f"differ); compile again without --from-step")

@@ -60,11 +60,12 @@ class LoadResult(StepResult):
     float_top1: float
     source_sha256: str = ""            # the float model by content: its state dict (manifest, --from-step)
     weights_sha256: str | None = None  # the --weights file by content
+    dataset: dict = field(default_factory=dict)  # the manifest's record (datasets.load_dataset)
 
     def report(self) -> dict:
         return {"model": self.model, "weights": self.weights, "parameters": self.parameters,
                 "train_images": self.train_images, "validation_images": self.validation_images,
-                "test_images": self.test_images}
+                "test_images": self.test_images, **({"dataset": self.dataset} if self.dataset else {})}
 
     @property
     def accuracy(self) -> dict[str, float]:
@@ -72,46 +73,72 @@ class LoadResult(StepResult):
 
 
 def load(c: Compilation) -> LoadResult:
-    """Load the float model and Fashion-MNIST, hold out the validation images, check the model's input and output
-    shapes and layers, and measure float top-1 on the test set."""
+    """Load the float model and the data (``--data``; default Fashion-MNIST), hold out the validation images,
+    check the model's input and output shapes against the data's and its layers, and measure float top-1 on the
+    test split."""
     from pfq_edge.export.package import sha256_file, state_dict_sha256
     from pfq_edge.train import predict, top1
 
     weights = _load_inputs(c)
-    c.float_logits = predict(c.float_model, c.data.test.images)  # reused by the prune check
+    c.float_logits = predict(c.float_model, c.data.test)  # reused by the prune check
     return LoadResult(model=c.config.model, weights=str(weights) if weights else None,
                       parameters=sum(p.numel() for p in c.float_model.parameters()), train_images=len(c.data.train),
-                      validation_images=c.profile.finetune.validation_images, test_images=len(c.data.test),
-                      float_top1=top1(c.float_logits, c.data.test), source_sha256=state_dict_sha256(c.float_model),
-                      weights_sha256=sha256_file(c.config.weights) if c.config.weights else None)
+                      validation_images=len(c.data.val) if c.data.val is not None else 0,
+                      test_images=len(c.data.test), float_top1=top1(c.float_logits, c.data.test),
+                      source_sha256=state_dict_sha256(c.float_model),
+                      weights_sha256=sha256_file(c.config.weights) if c.config.weights else None,
+                      dataset=c.data.record)
 
 
 def _load_inputs(c: Compilation):
     """Model, dataset and input spec into ``c`` (unless a caller set them); returns the weights file used."""
-    from pfq_edge.data import CLASSES, Split, load_split
+    from pfq_edge.datasets import load_dataset
+    from pfq_edge.datasets.normalize import with_input_normalization
     from pfq_edge.zoo import load_model
 
     weights = c.config.weights
-    if c.float_model is None:
-        loaded = load_model(c.config.model, c.config.weights)
-        c.float_model, weights = loaded.module, loaded.weights
     if c.data is None:
-        train, test = load_split("train", c.config.data_dir), load_split("test", c.config.data_dir)
-        n_val = c.profile.finetune.validation_images
-        val = None
-        if n_val:
-            if n_val >= len(train):
-                raise ProfileError(f"finetune.validation_images = {n_val} leaves no training images (split has "
-                                   f"{len(train)})")
-            keep = len(train) - n_val
-            train, val = Split(train.images[:keep], train.labels[:keep]), Split(train.images[keep:],
-                                                                                 train.labels[keep:])
-        c.data = Dataset("fashion-mnist", train=train, test=test, val=val)
+        c.data = load_dataset(c.config.data_spec, c.profile.finetune.validation_images)
     if c.spec is None:
-        c.spec = InputSpec(tuple(c.data.test.images.shape[1:]), tuple(CLASSES))
+        c.spec = InputSpec(tuple(c.data.shape), tuple(c.data.classes), c.data.normalization)
+    if c.float_model is None:
+        loaded = load_model(c.config.model, c.config.weights, c.config.model_args)
+        c.float_model, weights = loaded.module, loaded.weights
+        check_layers(c.float_model, c.config.model)
+        check_data_fits(c.float_model, c.config.model, c.spec, c.data)
+        if c.spec.normalization is not None:
+            c.float_model = with_input_normalization(c.float_model, *c.spec.normalization)
     check_layers(c.float_model, c.config.model)
-    check_io(c.float_model, c.config.model, c.data.test.images[:2], c.spec.num_classes)
+    check_io(c.float_model, c.config.model, c.data.test.take(2).images, c.spec.num_classes)
     return weights
+
+
+def check_data_fits(model, name: str, spec: InputSpec, data) -> None:
+    """The data's images (C, H, W) and classes must be what ``model`` takes and gives; raises DataError naming
+    both (the data's side is what the user changes: --channels, --image-size, the class folders)."""
+    import torch
+
+    from pfq_edge.datasets.normalize import normalize
+    from pfq_edge.errors import DataError
+
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    c = spec.shape[0]
+    if first is not None and first.in_channels != c:
+        hint = f"; pass --channels {first.in_channels}" if first.in_channels in (1, 3) else ""
+        raise DataError(f"the data gives {c}-channel images {spec.shape}; model {name!r} takes "
+                        f"{first.in_channels} channels (its first conv){hint}")
+    x = data.test.take(2).images
+    x = normalize(x, *spec.normalization) if spec.normalization is not None else x
+    try:
+        with torch.no_grad():
+            y = model(x)
+    except Exception as exc:
+        raise DataError(f"model {name!r} fails on the data's images of shape {tuple(x.shape)}: {one_line(exc, 140)}"
+                        f" (resize them with --image-size H,W)") from None
+    if isinstance(y, torch.Tensor) and y.ndim == 2 and y.shape[1] != spec.num_classes:
+        shown = ", ".join(spec.classes[:6]) + (", ..." if spec.num_classes > 6 else "")
+        raise DataError(f"model {name!r} gives {y.shape[1]} logits; the data has {spec.num_classes} classes "
+                        f"({shown})")
 
 
 def _restore_load(c: Compilation, _state: Path) -> None:
@@ -216,13 +243,13 @@ def prune(c: Compilation) -> PruneResult:
     result = PruneResult(rule=pfq.rule, filters_removed=analysis.plan.filters_removed,
                          constant_total=analysis.constant_total, exact=exact, analysis=analysis.as_dict())
     if pfq.rule == "bn-epsilon":
-        calib = c.data.train.images[:CALIBRATION_IMAGES]
+        calib = c.data.train.take(CALIBRATION_IMAGES).images
         result.guard = check("bn-epsilon guard", f"PfQ rule bn-epsilon data guard (pruned vs original float on "
                              f"{len(calib)} calibration images)", predict(c.float_model, calib).numpy(),
                              predict(c.pruned_model, calib).numpy(), min_agreement=pfq.min_agreement)
-    pruned_logits = predict(c.pruned_model, test.images)
+    pruned_logits = predict(c.pruned_model, test)
     if pfq.rule == "exact":
-        ref = c.float_logits if c.float_logits is not None else predict(c.float_model, test.images)
+        ref = c.float_logits if c.float_logits is not None else predict(c.float_model, test)
         result.golden = prune_golden_check("prune (PfQ float vs original float)", ref.numpy(), pruned_logits.numpy(),
                                            exact)
     result.pfq_top1 = top1(pruned_logits, test)
@@ -238,7 +265,7 @@ def _apply_pfq(c: Compilation):
     if pfq.rule == "off":
         c.pruned_model = c.float_model
         return None
-    c.pruned_model, analysis = analyze_pfq(c.float_model, c.data.test.images[:1],
+    c.pruned_model, analysis = analyze_pfq(c.float_model, c.data.test.take(1).images,
                                            bits=c.profile.quant.weight_bit_width, tol=pfq.tol, rule=pfq.rule)
     return analysis
 
@@ -273,11 +300,11 @@ def quantize(c: Compilation) -> QuantizeResult:
 
     spec = c.profile.quant
     c.qmodel = quantize_model(c.pruned_model, spec)
-    calib = c.data.train.images[:CALIBRATION_IMAGES]
+    calib = c.data.train.take(CALIBRATION_IMAGES).images
     calibrate(c.qmodel, calib)
     if spec.bias_correction:
         correct_bias(c.qmodel, calib)
-    return QuantizeResult(settings=spec.model_dump(), calibration_images=CALIBRATION_IMAGES,
+    return QuantizeResult(settings=spec.model_dump(), calibration_images=len(calib),
                           size=weight_bits(c.qmodel), ptq_top1=accuracy(c.qmodel, c.data.test))
 
 
@@ -369,8 +396,12 @@ def finetune(c: Compilation) -> FinetuneResult:
 
 def training_facts(c: Compilation) -> dict:
     """What the fine-tuned model depends on: model, weights, training-set size and the front end's settings."""
-    return {"model": c.config.model, "weights": str(c.config.weights), "train": len(c.data.train),
-            **front_end_settings(c.profile)}
+    facts = {"model": c.config.model, "weights": str(c.config.weights), "train": len(c.data.train),
+             **front_end_settings(c.profile)}
+    if not c.config.data_spec.is_default or c.config.model_args:  # the default run keeps its earlier key
+        facts.update(data=c.config.data_spec.facts(), data_sha256=c.data.record.get("sha256"),
+                     model_args=c.config.model_args)
+    return facts
 
 
 def run_key(c: Compilation) -> str:
@@ -434,14 +465,23 @@ def manifest_info(c: Compilation, backend, doc: dict) -> dict:
     size = {"weight_bits": quant.size["weight_bits"], "bias_params": quant.size["bias_params"],
             "onnx_bytes": c.result("export").bytes}
     target = backend.manifest(c)
-    runtime = {**target["runtime"], "input_shape": list(c.spec.shape)}
-    return {"model": {"name": c.config.model, "weights": Path(c.config.weights).name if c.config.weights else None,
-                      "source_sha256": c.result("load").source_sha256},
+    dataset = c.result("load").dataset
+    runtime = {**target["runtime"], "input_shape": list(c.spec.shape),
+               "preprocess": {k: dataset.get("preprocess", {}).get(k) for k in ("channels", "image_size",
+                                                                                 "center_crop")}}
+    model = {"name": c.config.model, "weights": Path(c.config.weights).name if c.config.weights else None,
+             "source_sha256": c.result("load").source_sha256}
+    if c.config.model_args:
+        model["model_args"] = c.config.model_args
+    if c.spec.normalization is not None:
+        model["input_normalization"] = {"mean": list(c.spec.normalization[0]), "std": list(c.spec.normalization[1]),
+                                        "where": "inside the model, before its input quantizer"}
+    return {"model": model,
             "target": c.profile.name, "kind": c.profile.kind,
             "profile": c.profile.model_dump(exclude={"source"}), "bits": backend.bits_label(c.profile.quant),
             "pfq": {k: getattr(prune_result, k) for k in ("rule", "filters_removed", "constant_total", "exact")},
             "accuracy": c.accuracy, "golden": golden_checks(doc["stages"]), "latency": target["latency"],
-            "size": {**size, **target.get("size", {})}, "runtime": runtime, "classes": list(c.spec.classes)}
+            "size": {**size, **target.get("size", {})}, "runtime": runtime, "classes": list(c.spec.classes), "dataset": dataset}
 
 
 def _slug(text: str) -> str:

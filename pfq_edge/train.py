@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pfq_edge import dist
-from pfq_edge.data import Split
+from pfq_edge.datasets.split import Split
 from pfq_edge.errors import ModelError
 from pfq_edge.progress import progress_bar
 
@@ -66,7 +66,7 @@ def set_seed(seed: int) -> None:
 def train(model, data: Split, cfg: TrainConfig, description: str = "train", on_epoch=None, teacher=None,
           validation: Split | None = None, checkpoint: Path | None = None, checkpoint_key: str = "",
           resume: bool = False) -> TrainResult:
-    """Train ``model`` in place on ``data`` (images (N, 1, H, W) float32, labels (N,)); returns a TrainResult.
+    """Train ``model`` in place on ``data`` (a Split: images (N, C, H, W) float32, labels (N,)); returns a TrainResult.
 
     Shuffling uses a generator seeded with ``cfg.seed``, so the same inputs give the same weights.
     ``teacher``: float model for distillation (used when ``cfg.distill_alpha`` > 0). ``validation``: held-out
@@ -112,16 +112,17 @@ def train(model, data: Split, cfg: TrainConfig, description: str = "train", on_e
             model.train()
             order = torch.randperm(n, generator=gen)
             total = torch.zeros(1, dtype=torch.float64)
-            for i in range(steps_per_epoch):
-                batch = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                idx = batch[rank::world]  # this process's share of the global batch
-                logits = model(data.images[idx])
+            batches = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
+            # this process's share of each global batch; a streamed split decodes them in worker processes
+            shares = data.batches(cfg.batch_size, [b[rank::world] for b in batches])
+            for batch, (images, labels) in zip(batches, shares):
+                logits = model(images)
                 # Sum over the local share / global batch size: summing gradients over ranks gives the batch mean.
-                loss_sum = F.cross_entropy(logits, data.labels[idx], reduction="sum")
+                loss_sum = F.cross_entropy(logits, labels, reduction="sum")
                 total += loss_sum.detach().double()
                 if distill:
                     with torch.no_grad():
-                        soft = F.softmax(teacher(data.images[idx]) / temp, dim=1)
+                        soft = F.softmax(teacher(images) / temp, dim=1)
                     kd = F.kl_div(F.log_softmax(logits / temp, dim=1), soft, reduction="sum") * temp * temp
                     loss_sum = (1 - cfg.distill_alpha) * loss_sum + cfg.distill_alpha * kd
                 opt.zero_grad(set_to_none=True)
@@ -198,11 +199,14 @@ def _load_checkpoint(path: Path, key: str) -> dict:
 
 
 def predict(model, images, batch_size: int = 500):
-    """Logits (N, classes) float32 of ``model`` in eval mode on ``images`` (N, C, H, W), without gradients."""
+    """Logits (N, classes) float32 of ``model`` in eval mode on ``images``: a tensor (N, C, H, W) or a ``Split``
+    (streamed splits are decoded batch by batch), without gradients."""
     import torch
 
     model.eval()
     with torch.no_grad():
+        if isinstance(images, Split):
+            return torch.cat([_as_tensor(model(x)) for x, _ in images.batches(batch_size)])
         return torch.cat([_as_tensor(model(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
 
 
@@ -222,6 +226,7 @@ def accuracy(model, data: Split, batch_size: int = 500) -> float:
     import torch
 
     rank, world = dist.rank_and_world()
-    logits = predict(model, data.images[rank::world], batch_size)  # a strided view: no copy of the images
-    correct = torch.tensor([float((logits.argmax(1) == data.labels[rank::world]).sum())], dtype=torch.float64)
+    share = data.strided(rank, world)  # in memory a view: no copy of the images
+    logits = predict(model, share, batch_size)
+    correct = torch.tensor([float((logits.argmax(1) == share.labels).sum())], dtype=torch.float64)
     return float(dist.reduce_sum(correct)) / len(data)

@@ -132,7 +132,7 @@ class ZooEntry:
     name: str
     factory: object
     weights: Path | None
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, int, int] | None  # None: not known (module:factory); the data or a probe sets it
     info: dict = field(default_factory=dict)
     num_classes: int = 10
 
@@ -179,7 +179,7 @@ class LoadedModel:
 
     name: str
     module: object
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, int, int] | None  # None: not known (module:factory); the data or a probe sets it
     weights: Path | None
     info: dict
     num_classes: int = 10
@@ -210,7 +210,10 @@ def load_weights(path: Path) -> dict:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
-        if "Unsupported global" in text or "Unsupported operand" in text:
+        if "Unsupported global" in text and ("torch.nn" in text or "__main__" in text or "GLOBAL" in text):
+            reason = ("it looks like a whole pickled model (torch.save(model)); save its state dict instead, "
+                      "torch.save(model.state_dict(), PATH), or a torch.export archive (.pt2)")
+        elif "Unsupported global" in text or "Unsupported operand" in text:
             reason = "it holds pickled objects other than tensors"
         elif "Weights only load failed" in text:
             reason = "not a torch state dict file"
@@ -238,7 +241,9 @@ def _factory_from_spec(spec: str):
     if not module_name or not attr:
         raise ModelError(f"unknown model {spec!r}; use one of {zoo_names()} or package.module:factory")
     try:
-        module = importlib.import_module(module_name)
+        from pfq_edge.io import import_user_module
+
+        module = import_user_module(module_name)
     except Exception as exc:
         raise ModelError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from None
     factory = getattr(module, attr, None)
@@ -250,16 +255,20 @@ def _factory_from_spec(spec: str):
 def _resolve(spec: str) -> ZooEntry:
     """The zoo entry for ``spec``, or an ad-hoc entry for ``module:factory`` (Fashion-MNIST-shaped input)."""
     zoo = _zoo()
-    return zoo[spec] if spec in zoo else ZooEntry(spec, _factory_from_spec(spec), None, (1, 28, 28))
+    return zoo[spec] if spec in zoo else ZooEntry(spec, _factory_from_spec(spec), None, None)
 
 
-def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None) -> LoadedModel:
+def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None,
+               model_args: dict | None = None) -> LoadedModel:
     """Build model ``spec`` and load ``weights`` (default: the zoo's shipped ones); eval mode.
 
     spec: a zoo name (``zoo_names()``), ``package.module:factory``, a ``.safetensors`` file written by
     ``pfq-edge prune``, or a ``torch.export`` archive (``.pt2``, loaded without unpickling; pfq_edge/exported.py). Raises ModelError if the name is unknown, the factory fails, or the weights are unreadable
-    or do not match.
+    or do not match. ``model_args``: keyword arguments for the factory (``--model-arg num_classes=5``).
     """
+    model_args = dict(model_args or {})
+    if model_args and (str(spec).endswith((".safetensors", ".pt2"))):
+        raise ModelError(f"--model-arg applies to a model factory; {spec} is a file")
     if str(spec).endswith(".safetensors"):
         if not Path(spec).is_file():
             raise ModelError(f"model file not found: {spec}")
@@ -277,8 +286,8 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None) -> 
     weights = weights if weights is not None else entry.weights
     if weights is not None and Path(weights).suffix == ".safetensors" and Path(weights).is_file() \
             and pruned_metadata(Path(weights)) is not None:
-        return load_pruned(Path(weights), trusted_spec=spec)  # builds the architecture itself
-    module = _build(entry.factory, spec)
+        return load_pruned(Path(weights), trusted_spec=spec, model_args=model_args)  # builds the architecture
+    module = _build(entry.factory, spec, model_args)
     if weights is not None:
         state = load_weights(Path(weights))
         # A head-only file (transfer learning) completes a factory that loaded its own backbone weights.
@@ -295,6 +304,29 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None) -> 
                        entry.num_classes)
 
 
+PROBE_SIZES = (32, 28, 64, 96, 128, 224, 16, 8)  # tried in this order when nothing says a model's input size
+
+
+def find_input_shape(module) -> tuple[int, int, int] | None:
+    """(C, H, W) a model without a known input shape runs on: C from its first conv, H = W the first of
+    PROBE_SIZES that gives (1, classes) logits; None if none does."""
+    import torch
+
+    first = next((m for m in module.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if first is None:
+        return None
+    module.eval()
+    for size in PROBE_SIZES:
+        try:
+            with torch.no_grad():
+                y = module(torch.zeros(1, first.in_channels, size, size))
+        except Exception:
+            continue
+        if isinstance(y, torch.Tensor) and y.ndim == 2:
+            return (first.in_channels, size, size)
+    return None
+
+
 def pruned_metadata(path: Path) -> dict | None:
     """The pfq-edge metadata of a safetensors file, or None if it is not a saved pruned model."""
     from safetensors import safe_open
@@ -307,7 +339,7 @@ def pruned_metadata(path: Path) -> dict | None:
     return meta if meta.get("format") == "pfq-edge-pruned" else None
 
 
-def load_pruned(path: Path, trusted_spec: str | None = None) -> LoadedModel:
+def load_pruned(path: Path, trusted_spec: str | None = None, model_args: dict | None = None) -> LoadedModel:
     """Rebuild a model saved by ``pfq-edge prune``: original architecture, pruned shapes, pruned weights.
 
     A file pruned from a zoo model loads by itself. One pruned from ``module:factory`` names code to import and
@@ -327,7 +359,8 @@ def load_pruned(path: Path, trusted_spec: str | None = None) -> LoadedModel:
         raise ModelError(f"{path} was pruned from {meta['model']!r}; loading it imports and calls that code, so "
                          f"name it yourself: --model {meta['model']} --weights {path}")
     entry = _resolve(meta["model"])
-    module = _build(entry.factory, meta["model"])
+    module = _build(entry.factory, meta["model"], model_args if model_args else json.loads(meta.get("model_args",
+                                                                                                     "{}")))
     try:
         apply_structure(module, json.loads(meta["structure"]))
     except (KeyError, AttributeError, IndexError, json.JSONDecodeError) as exc:
@@ -343,13 +376,17 @@ def load_pruned(path: Path, trusted_spec: str | None = None) -> LoadedModel:
     return LoadedModel(str(path), module, entry.input_shape, Path(path), info, entry.num_classes)
 
 
-def _build(factory, name: str):
+def _build(factory, name: str, kwargs: dict | None = None):
     import torch
 
     try:
-        module = factory()
+        module = factory(**(kwargs or {}))
     except ModelError:
         raise
+    except TypeError as exc:
+        if kwargs and "argument" in str(exc):
+            raise ModelError(f"model factory {name!r} does not take {sorted(kwargs)}: {first_line(exc)}") from None
+        raise ModelError(f"model factory {name!r} failed: {exc}") from None
     except Exception as exc:
         raise ModelError(f"model factory {name!r} failed: {exc}") from None
     if not isinstance(module, torch.nn.Module):

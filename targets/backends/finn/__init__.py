@@ -38,7 +38,7 @@ def export(c: Compilation) -> QonnxExportResult:
     from pfq_edge.runners.onnx import run_qonnx
     from pfq_edge.train import predict
 
-    images = c.data.test.images[:GOLDEN_IMAGES]
+    images = c.data.test.take(GOLDEN_IMAGES).images
     path = export_qonnx(c.qmodel, images[:1], c.work / QONNX_FILE)
     golden = check("export", "export (QONNX vs Brevitas)", predict(c.qmodel, images).numpy(),
                    run_qonnx(path, images.numpy()))
@@ -74,18 +74,26 @@ def estimate(c: Compilation) -> EstimateResult:
     from pfq_edge.targets.backends.finn.driver import finn_estimate, finn_session
     from pfq_edge.targets.backends.finn.fit import fpga_verdicts
 
-    fpga, bits = c.profile.fpga, c.profile.quant.input_bit_width
+    fpga, bits = c.profile.fpga, pixel_bits(c)
     build, qonnx = c.work / ".finn_build", c.work / QONNX_FILE
-    result = finn_estimate(qonnx, fpga, bits, build)
+    clip = c.spec.normalization is not None
+    result = finn_estimate(qonnx, fpga, bits, build, clip_thresholds=clip)
     verdicts = fpga_verdicts(result, c.profile)
     packaged, run_files = write_finn_reports(result.report_dir, build / "finn" / "build.log", c.work / "finn_reports")
     shutil.rmtree(build)
     with finn_session(c.work / ".finn_config") as _:
-        packaged += write_finn_build_config(qonnx, fpga, bits, result.folding, c.work / "finn_build")
+        packaged += write_finn_build_config(qonnx, fpga, bits, result.folding, c.work / "finn_build",
+                                            clip_thresholds=clip)
     shutil.rmtree(c.work / ".finn_config")
     rel = [str(p.relative_to(c.work)) for p in packaged]
     return EstimateResult(estimate=result.as_dict(), verdicts=verdicts, files=rel,
                           run_files=[str(p.relative_to(c.work)) for p in run_files])
+
+
+def pixel_bits(c: Compilation) -> int:
+    """Bits of the integer pixels FINN's accelerator takes: the input quantizer's, or 8 (UINT8 pixels) when the
+    model normalises its input (the normalised values are quantized after the absorbed Sub/Div)."""
+    return 8 if c.spec.normalization is not None else c.profile.quant.input_bit_width
 
 
 class FinnBackend(Backend):
@@ -188,14 +196,18 @@ class FinnBackend(Backend):
         return {"latency": {"source": "FINN estimate (no synthesis)", "latency_ms": e["latency_us"] / 1000,
                             "throughput_fps": e["throughput_fps"], "budget_ms": c.profile.budget.latency_ms,
                             "verdict": v["latency"]["verdict"], "fit": v["fit"]["verdict"], "resources": e["totals"]},
-                "runtime": {"engine": "qonnx", "onnx": QONNX_FILE, "batch_size": 1}}
+                "runtime": {"engine": "qonnx", "onnx": QONNX_FILE, "batch_size": 1,
+                            "accelerator_input": f"UINT{pixel_bits(c)} pixels (N, {', '.join(map(str, c.spec.shape))})"
+                            " after the recorded preprocessing" + (", mean/std absorbed into the first thresholds"
+                                                                   if c.spec.normalization else "")}}
 
     def device_readme(self, info: dict) -> list[str]:
         lat = info["latency"]
         return ["`run.py` executes `model.qonnx.onnx` with qonnx (`pip install qonnx numpy`) on a CPU — the "
-                "model FINN verifies its hardware against:", "", "    python run.py images.npz", "",
+                "model FINN verifies its hardware against:", "", "    python run.py images/   # image files, a folder of them, or an .npz", "",
+                f"The accelerator takes {info['runtime']['accelerator_input']}.", "",
                 "To build the bitfile and PYNQ driver where Vivado is installed (FINN, finn-plus):", "",
-                "    cd finn_build && finn build dataflow_build_config.json model.onnx", "",
+                "    cd finn_build && PYTHONPATH=. finn build dataflow_build_config.json model.onnx", "",
                 f"It uses the folding of `folding_config.json` (the estimate: {lat['latency_ms']:.3f} ms, "
                 f"{lat['throughput_fps']:.0f} fps on {info['profile']['fpga']['part']} at "
                 f"{info['profile']['fpga']['clock_mhz']:g} MHz; fit: {lat['fit']}). `finn_reports/` holds FINN's "

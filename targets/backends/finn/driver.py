@@ -89,9 +89,12 @@ def finn_session(build_dir: Path):
 _UNSET = object()
 
 
-def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path) -> FinnEstimate:
+def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
+                  clip_thresholds: bool = False) -> FinnEstimate:
     """Run FINN's estimate-only dataflow build on ``qonnx_path`` for ``fpga`` (FpgaSpec: part, clock, target fps
     or folding file). Reports land in ``build_dir/finn/report``; FINN's log in ``build_dir/finn/build.log``.
+    ``clip_thresholds``: add export/device/finn_steps.py's step after streamlining (models that normalise their
+    input; the default models' builds stay FINN's own step list).
 
     Raises ToolchainError with FINN's error if the build fails (e.g. a layer FINN cannot map).
     """
@@ -105,14 +108,19 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path) -> F
         from finn.builder import build_dataflow_steps as steps_lib
 
         names = list(config.estimate_only_dataflow_steps)
-        with progress_bar("FINN estimate build", total=len(names)) as advance:
+        functions = [getattr(steps_lib, n) for n in names]
+        if clip_thresholds:
+            from pfq_edge.export.device.finn_steps import step_pfq_clip_thresholds
+
+            functions.insert(names.index("step_streamline") + 1, step_pfq_clip_thresholds)
+        with progress_bar("FINN estimate build", total=len(functions)) as advance:
             cfg = config.DataflowBuildConfig(
                 output_dir=str(out_dir),
                 synth_clk_period_ns=1000.0 / fpga.clock_mhz,
                 fpga_part=fpga.part,
                 target_fps=fpga.target_fps,
                 folding_config_file=Path(fpga.folding_file).resolve() if fpga.folding_file else None,
-                steps=[_with_progress(getattr(steps_lib, n), advance) for n in names],
+                steps=[_with_progress(f, advance) for f in functions],
                 generate_outputs=[config.DataflowOutputType.ESTIMATE_REPORTS],
                 save_intermediate_models=True,
             )

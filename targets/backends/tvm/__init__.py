@@ -24,7 +24,7 @@ def _golden_images(c: Compilation):
     """≥ GOLDEN_IMAGES test images, a whole number of the runtime's batches."""
     batch = c.profile.runtime.batch_size
     batches = -(-GOLDEN_IMAGES // batch)  # ceil
-    return c.data.test.images[:batches * batch]
+    return c.data.test.take(batches * batch).images
 
 
 @dataclass
@@ -127,7 +127,7 @@ def build(c: Compilation) -> BuildResult:
     if built.runs_here:  # the deployed artefact on every test image, loaded from disk by a fresh process
         test = c.data.test
         n = len(test) // spec.batch_size * spec.batch_size
-        out = run_outputs("tvm", built.library, test.images[:n].numpy(), spec.batch_size,
+        out = run_outputs("tvm", built.library, test.take(n).images.numpy(), spec.batch_size,
                           resolve_threads(spec.threads))
         reference = run_onnxruntime(c.work / QCDQ_FILE, _golden_images(c).numpy())
         result.golden = check("tvm build", "build (TVM library in a fresh process vs QCDQ in onnxruntime)",
@@ -172,7 +172,7 @@ def measure(c: Compilation) -> MeasureResult:
         return MeasureResult(engines=[], verdict={"verdict": "not measured", "budget_ms": budget,
                                                   "reason": "no such device on this machine"})
     threads = resolve_threads(spec.threads)
-    x = c.data.test.images[:spec.batch_size].numpy()
+    x = c.data.test.take(spec.batch_size).images.numpy()
     level = c.result("export").onnxruntime_level
     results = []
     with tempfile.TemporaryDirectory(prefix="pfq-edge-torch") as tmp:
@@ -312,7 +312,7 @@ class TvmBackend(Backend):
         device = "the CUDA GPU (tvm.cuda(0))" if rt["device"] == "cuda" else "the CPU"
         lines = [f"`run.py` loads `{rt['library']}` with the TVM runtime (`pip install apache-tvm numpy`, same "
                  f"version as in manifest.json) on {device}, batch {rt['batch_size']}:", "",
-                 "    python run.py images.npz                     # arrays 'images' (N, 28, 28) uint8, 'labels'",
+                 "    python run.py images/                        # image files, a folder of them, or an .npz",
                  "    python run.py images.npz --engine onnxruntime   # the QCDQ model instead", "",
                  f"Latency: {lat['source']}" + (", median ms per call: " + ", ".join(
                      f"{k} {v['median_ms']:.3f}" for k, v in lat["engines"].items()) if lat.get("engines") else "")

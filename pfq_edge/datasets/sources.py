@@ -258,7 +258,9 @@ class _Preprocessed:
             x, y = self.dataset[i]
         except Exception as exc:
             raise DataError(f"dataset {self.name}: item {i} fails: {first_line(exc)}") from None
-        if hasattr(x, "mode") and hasattr(x, "size"):  # a Pillow image
+        from PIL import Image
+
+        if isinstance(x, Image.Image):
             return self.preprocess.pil(x), int(y)
         x = torch.as_tensor(x, dtype=torch.float32)
         if x.ndim == 2:

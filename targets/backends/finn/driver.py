@@ -151,7 +151,15 @@ def finn_error(log_path: Path) -> str:
         if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", lines[i]):
             tail = [ln.strip() for ln in lines[i:] if ln.strip() and not ln.startswith("[")]
             return " ".join(tail)[:300]
-    errors = [ln.split("ERROR", 1)[1].strip() for ln in lines if "ERROR" in ln]
+    errors = []
+    for i, ln in enumerate(lines):  # an ERROR record and its indented continuation lines (rich wraps them)
+        if "ERROR" in ln:
+            more = []
+            for cont in lines[i + 1:]:
+                if not cont.startswith(" ") or not cont.strip():
+                    break
+                more.append(cont.strip())
+            errors.append(" ".join([ln.split("ERROR", 1)[1].strip(), *more]))
     return errors[-1][:300] if errors else "no error message in the log"
 
 

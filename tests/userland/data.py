@@ -1,0 +1,58 @@
+"""Real data in the forms users bring it: Fashion-MNIST written out as an image folder (grey, or RGB resized to
+32×32), scikit-learn's digits as an .npz. Small, so that the tests stay fast."""
+
+from pathlib import Path
+
+import numpy as np
+
+FOLDER_CLASSES = ("T-shirt-top", "Trouser", "Pullover", "Dress", "Coat")
+
+
+def fashion_folder(root: Path, per_class_train: int, per_class_test: int, size: int | None = None,
+                   rgb: bool = False, classes: int = 5) -> Path:
+    """root/{train,test}/<class>/*.png from the first Fashion-MNIST images of the first ``classes`` classes."""
+    from PIL import Image
+
+    from pfq_edge.data import load_split
+
+    for split, n in (("train", per_class_train), ("test", per_class_test)):
+        s = load_split(split)
+        x, y = (s.images[:, 0].numpy() * 255).round().astype(np.uint8), s.labels.numpy()
+        for label in range(classes):
+            d = root / split / FOLDER_CLASSES[label]
+            d.mkdir(parents=True, exist_ok=True)
+            for k, i in enumerate(np.flatnonzero(y == label)[:n]):
+                im = Image.fromarray(x[i])
+                if size is not None:
+                    im = im.resize((size, size), Image.Resampling.BILINEAR)
+                (im.convert("RGB") if rgb else im).save(d / f"{k:04d}.png")
+    return root
+
+
+def digits_npz(path: Path) -> Path:
+    """scikit-learn's digits as x_train (1500, 8, 8) uint8, y_train, x_test (297, 8, 8), y_test, classes."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.round(d.images * 255 / 16).astype(np.uint8)
+    np.savez(path, x_train=x[:1500], y_train=d.target[:1500], x_test=x[1500:], y_test=d.target[1500:],
+             classes=np.array([str(i) for i in range(10)]))
+    return path
+
+
+def train_weights(factory, data_spec, path: Path, epochs: int = 3, mean=None, std=None, **kwargs) -> Path:
+    """Train ``factory(**kwargs)`` briefly on ``data_spec`` (pfq-edge's own data pipeline) and save a state dict."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pfq_edge.datasets import load_dataset
+    from pfq_edge.datasets.normalize import with_input_normalization
+    from pfq_edge.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    ds = load_dataset(data_spec)
+    model = factory(**kwargs)
+    net = with_input_normalization(model, mean, std) if mean is not None else model
+    train(net, ds.train, TrainConfig(epochs=epochs, lr=3e-3, batch_size=64))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path

@@ -1,0 +1,42 @@
+"""Models of the shapes users bring, defined outside pfq-edge (imported as ``user_models:factory``)."""
+
+import torch
+from torch import nn
+
+
+class RGBNet(nn.Module):
+    """(N, 3, 32, 32) → (N, num_classes): three conv-BN-ReLU blocks, max pool, linear head."""
+
+    def __init__(self, num_classes: int = 5, width: int = 8):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(),
+            nn.MaxPool2d(2))
+        self.head = nn.Linear(4 * w * 16, num_classes)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+def rgb_net(num_classes: int = 5):
+    return RGBNet(num_classes)
+
+
+class DigitsNet(nn.Module):
+    """(N, 1, 8, 8) → (N, num_classes): conv-BN-ReLU, max pool, conv-BN-ReLU, linear."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32 * 16, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.body(x), 1))
+
+
+def digits_net(num_classes: int = 10):
+    return DigitsNet(num_classes)

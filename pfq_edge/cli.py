@@ -437,6 +437,8 @@ def prune_cmd(
     _check_rule(rule)
     spec = _data_spec(data, data_dir, image_size, center_crop, channels, mean, std)
     loaded = load_model(model, weights, _model_args(model_arg))
+    if check and spec.is_default and loaded.input_shape not in (None, (1, 28, 28)):
+        spec = _fashion_mnist_as(loaded, data_dir)
     dataset = _check_data(loaded, spec, model) if check else None
     shape = tuple(dataset.shape) if dataset is not None else _input_shape(loaded, input_shape)
     pruned, analysis = analyze_pfq(loaded.module, torch.zeros(1, *shape), tol=tol, rule=rule)
@@ -478,6 +480,18 @@ def _input_shape(loaded, text: Optional[str]) -> tuple[int, int, int]:
         raise ModelError(f"model {loaded.name!r}: no input size found that it runs on; pass --input-shape C,H,W")
     _info(f"input shape {shape} (from the model; --input-shape C,H,W sets it)")
     return shape
+
+
+def _fashion_mnist_as(loaded, data_dir):
+    """Fashion-MNIST resized and converted to a zoo model's input (ImageNet mean/std where its weights want it):
+    ``prune --check`` of e.g. efficientnet-lite0 without --data."""
+    from pfq_edge.data import IMAGENET_MEAN, IMAGENET_STD
+    from pfq_edge.datasets import make_spec
+
+    c, h, w = loaded.input_shape
+    norm = bool(loaded.info.get("imagenet_norm")) and c == 3
+    return make_spec(None, data_dir, image_size=(h, w), channels=c, mean=IMAGENET_MEAN if norm else None,
+                     std=IMAGENET_STD if norm else None)
 
 
 def _check_data(loaded, spec, name: str):

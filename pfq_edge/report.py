@@ -83,6 +83,29 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def data_section(d: dict | None) -> list[str]:
+    """The data a compile used (``stages.load.dataset``): source, image counts, classes, preprocessing, hash."""
+    if not d:
+        return []
+    n = d["images"]
+    names = d.get("class_names") or []
+    shown = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "")
+    pre = d.get("preprocess", {})
+    steps = [f"{pre.get('channels')} channel(s)"]
+    if pre.get("image_size"):
+        steps.append(("resize + center crop to " if pre.get("center_crop") else "resize to ")
+                     + "×".join(map(str, pre["image_size"])))
+    if pre.get("mean") is not None:
+        steps.append(f"mean {pre['mean']} / std {pre['std']} inside the model")
+    rows = [["source", f"{d.get('source')} ({d.get('kind')})"],
+            ["images train / validation / test", f"{n['train']:,} / {n['validation']:,} / {n['test']:,}"],
+            ["classes", f"{d.get('classes')}" + (f": {shown}" if shown else "")],
+            ["input (C, H, W)", "×".join(map(str, d.get("input_shape", [])))],
+            ["preprocessing", "; ".join(steps)],
+            ["sha256", f"{d['sha256']} ({d.get('hash_of', 'the files')})" if d.get("sha256") else "not hashed"]]
+    return ["## Data", "", table(["", ""], rows), ""]
+
+
 def render_markdown(doc: dict) -> str:
     """report.md from a report.json document."""
     from pfq_edge.targets.backends import backend_for
@@ -91,13 +114,15 @@ def render_markdown(doc: dict) -> str:
     backend = backend_for(doc["kind"])
     out = [f"# pfq-edge compile: `{doc['model']}` for `{doc['target']}`", ""]
     out += ["## Summary", "", table(["quantity", "value"], summary_rows(s, doc["kind"])), ""]
+    out += data_section(st.get("load", {}).get("dataset"))
     prune = st.get("prune", {})
     if prune:
         out += prune_section(prune)
     out += _settings_section(st.get("quantize", {}), st.get("finetune", {}))
     acc = st.get("accuracy", {})
     if acc:
-        out += ["## Accuracy (top-1, Fashion-MNIST test set)", "",
+        name = st.get("load", {}).get("dataset", {}).get("name", "Fashion-MNIST")
+        out += [f"## Accuracy (top-1, test split of {name})", "",
                 table(["stage", "top-1"], [[ACCURACY_LABELS.get(k, k), pct(v)] for k, v in acc.items()]), ""]
     golden = golden_checks(st)
     if golden:

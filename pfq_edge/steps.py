@@ -133,6 +133,8 @@ def check_data_fits(model, name: str, spec: InputSpec, data) -> None:
         with torch.no_grad():
             y = model(x)
     except Exception as exc:
+        if _unquantized_input_layer(model) is not None:
+            return  # a model problem, not the data's: check_io names it
         raise DataError(f"model {name!r} fails on the data's images of shape {tuple(x.shape)}: {one_line(exc, 140)}"
                         f" (resize them with --image-size H,W)") from None
     if isinstance(y, torch.Tensor) and y.ndim == 2 and y.shape[1] != spec.num_classes:

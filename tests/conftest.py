@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 os.environ.setdefault("PFQ_EDGE_QUIET", "1")
+# the README's user-side files (a model factory, a dataset factory, the data writers) are what the tests bring
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "userland"))
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import torch
 from pfq_edge.datasets import load_dataset, make_spec
 from pfq_edge.datasets.preprocess import Preprocess
 from pfq_edge.errors import DataError
-from userland.data import FOLDER_CLASSES, digits_npz, fashion_folder
+from userdata import FOLDER_CLASSES, digits_npz, fashion_folder
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,7 @@ def test_digits_npz(tmp_path):
     assert sorted(ds.test.labels.tolist()) == sorted(load_digits().target[1500:].tolist())
 
 
-def test_python_dataset_and_toml(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent / "userland"))
+def test_python_dataset_and_toml(tmp_path):  # examples/userland is on sys.path (conftest.py)
     ds = load_dataset(make_spec("user_datasets:digits_splits"))
     assert ds.shape == (1, 8, 8) and len(ds.test) == 297 and ds.train.streamed and len(ds.classes) == 10
     toml = tmp_path / "data.toml"
@@ -140,8 +139,7 @@ def test_bad_arrays(tmp_path, case):
         load_dataset(make_spec(str(tmp_path / "a.npz")))
 
 
-def test_bad_options_and_factories(monkeypatch):
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent / "userland"))
+def test_bad_options_and_factories():
     with pytest.raises(DataError, match="the dataset server is down"):
         load_dataset(make_spec("user_datasets:failing"))
     with pytest.raises(DataError, match="mean and std"):

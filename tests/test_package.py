@@ -55,7 +55,7 @@ def test_fpga_manifest_and_finn_build_config(fpga_twice):
     a, _ = fpga_twice
     files = members(archive(a))
     m = json.loads(files["manifest.json"])
-    assert m["schema_version"] == 2 and m["kind"] == "fpga" and m["target"] == "fpga-pynq-z1"
+    assert m["schema_version"] == 3 and m["kind"] == "fpga" and m["target"] == "fpga-pynq-z1"
     assert len(m["model"]["source_sha256"]) == 64 and m["pfq"]["rule"] == "exact"
     assert m["latency"]["source"].startswith("FINN") and m["latency"]["fit"] in ("fits", "does not fit")
     assert m["size"]["weight_bits"] > 0 and all(g["passed"] for g in m["golden"])

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from userland.data import digits_npz, fashion_folder, train_weights
+from userdata import digits_npz, fashion_folder, train_weights
 
-USERLAND = Path(__file__).parent / "userland"
+USERLAND = Path(__file__).resolve().parents[1] / "examples" / "userland"
 ENV = {**os.environ, "PFQ_EDGE_QUIET": "1"}
 NORM = ["--mean", "0.29", "--std", "0.35"]
 
@@ -33,7 +33,7 @@ def one_line_error(proc, code=3):
 def rgb(tmp_path_factory):
     """(image folder, trained weights) of the 5-class 3×32×32 RGB model."""
     from pfq_edge.datasets import make_spec
-    from userland.user_models import rgb_net
+    from user_models import rgb_net
 
     root = tmp_path_factory.mktemp("user")
     folder = fashion_folder(root / "clothes", 60, 12, size=32, rgb=True)
@@ -115,7 +115,7 @@ def test_data_that_does_not_fit_the_model(rgb, tmp_path):
 def test_whole_pickled_model_gets_a_hint(tmp_path):
     import torch
 
-    from userland.user_models import rgb_net
+    from user_models import rgb_net
 
     torch.save(rgb_net(), tmp_path / "whole.pt")
     proc = run("analyze", "user_models:rgb_net", "--weights", tmp_path / "whole.pt")
@@ -124,7 +124,7 @@ def test_whole_pickled_model_gets_a_hint(tmp_path):
 
 def test_digits_npz_compiles_for_fpga(tmp_path):
     from pfq_edge.datasets import make_spec
-    from userland.user_models import digits_net
+    from user_models import digits_net
 
     npz = digits_npz(tmp_path / "digits.npz")
     weights = train_weights(digits_net, make_spec(str(npz)), tmp_path / "digits.safetensors", epochs=6)

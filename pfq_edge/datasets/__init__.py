@@ -111,7 +111,7 @@ def load_dataset(spec: DataSpec, validation_images: int = 0):
     pre = spec.preprocess
     channels = shape[0]
     norm = pre.normalization(channels)
-    record = {**src.record, "kind": src.kind, "classes": len(src.classes),
+    record = {**src.record, "kind": src.kind, "classes": len(src.classes), "class_names": list(src.classes),
               "images": {"train": len(train), "validation": len(val) if val is not None else 0, "test": len(test)},
               "input_shape": list(shape), "preprocess": {**pre.model_dump(mode="json"), "channels": channels}}
     if norm is not None:

@@ -70,7 +70,8 @@ def read_fashion_mnist(data_dir: Path | None, preprocess: Preprocess) -> Source:
     for f in sorted(folder.glob("*-ubyte*")):
         digest.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
     return Source("fashion-mnist", splits, tuple(CLASSES),
-                  {"name": "fashion-mnist", "source": str(folder), "sha256": digest.hexdigest()})
+                  {"name": "Fashion-MNIST", "source": str(folder), "sha256": digest.hexdigest(),
+                   "hash_of": "the IDX files"})
 
 
 # --- image folder ------------------------------------------------------------------------------------------------

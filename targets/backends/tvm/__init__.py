@@ -18,6 +18,7 @@ from pfq_edge.steps import GOLDEN_IMAGES, Step
 from pfq_edge.targets.backends import Backend
 
 QCDQ_FILE = "model.qcdq.onnx"
+DEPLOYED_CHUNK_BYTES = 512 << 20  # test images per fresh-process run of the library (Fashion-MNIST's: one run)
 
 
 def _golden_images(c: Compilation):
@@ -125,10 +126,18 @@ def build(c: Compilation) -> BuildResult:
                          tuning=tuning, device_code=built.device_code,
                          extra_files=[p.name for p in built.extra_files], tuning_db=db.is_dir())
     if built.runs_here:  # the deployed artefact on every test image, loaded from disk by a fresh process
+        import numpy as np
+
         test = c.data.test
         n = len(test) // spec.batch_size * spec.batch_size
-        out = run_outputs("tvm", built.library, test.take(n).images.numpy(), spec.batch_size,
-                          resolve_threads(spec.threads))
+        per_image = 4 * int(np.prod(c.spec.shape))
+        chunk = max(spec.batch_size, DEPLOYED_CHUNK_BYTES // per_image // spec.batch_size * spec.batch_size)
+        parts = []  # chunks of the test split: a large one is never in memory at once
+        for start in range(0, n, chunk):
+            images = test.subset(min(start + chunk, n)).strided(start, 1).take(min(chunk, n - start)).images
+            parts.append(run_outputs("tvm", built.library, images.numpy(), spec.batch_size,
+                                     resolve_threads(spec.threads)))
+        out = np.concatenate(parts)
         reference = run_onnxruntime(c.work / QCDQ_FILE, _golden_images(c).numpy())
         result.golden = check("tvm build", "build (TVM library in a fresh process vs QCDQ in onnxruntime)",
                               reference, out[:len(reference)])

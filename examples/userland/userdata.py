@@ -56,3 +56,44 @@ def train_weights(factory, data_spec, path: Path, epochs: int = 3, mean=None, st
     train(net, ds.train, TrainConfig(epochs=epochs, lr=3e-3, batch_size=64))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+def main(argv=None) -> None:
+    """``python userdata.py`` writes the README's example data here: clothes/ (5 classes, 3×32×32 RGB PNGs),
+    clothes-grey/ (the same, 1×28×28) and digits.npz; ``python userdata.py train FOLDER_OR_NPZ FACTORY OUT``
+    trains that factory's model on it (3 epochs) with pfq-edge's data pipeline and saves a state dict."""
+    import argparse
+    import sys
+
+    from pfq_edge.datasets import make_spec
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("command", nargs="?", default="data", choices=["data", "train"])
+    ap.add_argument("args", nargs="*")
+    ap.add_argument("--mean", type=float)
+    ap.add_argument("--std", type=float)
+    a = ap.parse_args(argv)
+    here = Path(".")
+    if a.command == "data":
+        fashion_folder(here / "clothes", 200, 40, size=32, rgb=True)
+        fashion_folder(here / "clothes-grey", 200, 40)
+        digits_npz(here / "digits.npz")
+        print("wrote clothes/ (1000 train, 200 test images), clothes-grey/, digits.npz")
+        return
+    data, factory_name, out = a.args
+    import user_models
+
+    factory = getattr(user_models, factory_name)
+    spec = make_spec(data)
+    mean = std = None
+    if a.mean is not None:
+        from pfq_edge.datasets import load_dataset
+
+        c = load_dataset(spec).shape[0]
+        mean, std = (a.mean,) * c, (a.std,) * c
+    train_weights(factory, spec, Path(out), epochs=3, mean=mean, std=std)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -57,38 +57,25 @@ def _info(message: str) -> None:
         typer.echo(message, err=True)
 
 
-def _data_option():
-    return typer.Option(None, "--data", help="Images: fashion-mnist (default), an image folder DIR/{train,test}/"
-                                             "<class>/*.png|jpg, an .npz (x_train, y_train, x_test, y_test), "
-                                             "package.module:factory (Python datasets) or a data .toml "
-                                             "(docs/data.md).")
+# Options shared by compile, analyze and prune: (flag, default, help); ``_shared(key)`` makes a fresh typer.Option.
+_SHARED_OPTIONS = {
+    "data": ("--data", None, "Images: fashion-mnist (default), an image folder DIR/{train,test}/<class>/*.png|jpg, "
+                             "an .npz (x_train, y_train, x_test, y_test), package.module:factory (Python datasets) "
+                             "or a data .toml (docs/data.md)."),
+    "image_size": ("--image-size", None, "Resize images to H[,W] pixels (bilinear, antialiased)."),
+    "center_crop": ("--center-crop", False, "With --image-size: resize the shorter side, cut out the middle."),
+    "channels": ("--channels", None, "Convert images to 1 (grey) or 3 (RGB) channels."),
+    "mean": ("--mean", None, "Per-channel mean of pixels in [0, 1], comma list (with --std); applied inside the "
+                             "compiled model."),
+    "std": ("--std", None, "Per-channel std of pixels in [0, 1], comma list (with --mean)."),
+    "model_arg": ("--model-arg", None, "KEY=VALUE keyword argument for a module:factory model (Python literal; "
+                                       "repeatable), e.g. num_classes=5."),
+}
 
 
-def _image_size_option():
-    return typer.Option(None, "--image-size", help="Resize images to H[,W] pixels (bilinear, antialiased).")
-
-
-def _crop_option():
-    return typer.Option(False, "--center-crop", help="With --image-size: resize the shorter side, cut out the "
-                                                     "middle.")
-
-
-def _channels_option():
-    return typer.Option(None, "--channels", help="Convert images to 1 (grey) or 3 (RGB) channels.")
-
-
-def _mean_option():
-    return typer.Option(None, "--mean", help="Per-channel mean of pixels in [0, 1], comma list (with --std); "
-                                             "applied inside the compiled model.")
-
-
-def _std_option():
-    return typer.Option(None, "--std", help="Per-channel std of pixels in [0, 1], comma list (with --mean).")
-
-
-def _model_arg_option():
-    return typer.Option(None, "--model-arg", help="KEY=VALUE keyword argument for a module:factory model "
-                                                  "(Python literal; repeatable), e.g. num_classes=5.")
+def _shared(key: str):
+    flag, default, text = _SHARED_OPTIONS[key]
+    return typer.Option(default, flag, help=text)
 
 
 def _numbers(text: Optional[str], option: str, kind=float) -> Optional[tuple]:
@@ -139,13 +126,13 @@ def compile_cmd(
     model: str = typer.Option("fashion-dscnn", "--model", "-m", help="Zoo name or package.module:factory."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict: .safetensors, or a torch file "
                                                                     "loaded with weights_only=True."),
-    model_arg: Optional[list[str]] = _model_arg_option(),
-    data: Optional[str] = _data_option(),
-    image_size: Optional[str] = _image_size_option(),
-    center_crop: bool = _crop_option(),
-    channels: Optional[int] = _channels_option(),
-    mean: Optional[str] = _mean_option(),
-    std: Optional[str] = _std_option(),
+    model_arg: Optional[list[str]] = _shared("model_arg"),
+    data: Optional[str] = _shared("data"),
+    image_size: Optional[str] = _shared("image_size"),
+    center_crop: bool = _shared("center_crop"),
+    channels: Optional[int] = _shared("channels"),
+    mean: Optional[str] = _shared("mean"),
+    std: Optional[str] = _shared("std"),
     weight_bits: Optional[int] = typer.Option(None, "--weight-bits",
                                               help="Weight bit width 2–8 (profile quant.weight_bit_width)."),
     act_bits: Optional[int] = typer.Option(None, "--act-bits",
@@ -336,7 +323,7 @@ def analyze_cmd(
     model: str = typer.Argument(..., help="Zoo name (e.g. efficientnet-lite0), package.module:factory, or a pruned "
                                           ".safetensors file."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for a module:factory model."),
-    model_arg: Optional[list[str]] = _model_arg_option(),
+    model_arg: Optional[list[str]] = _shared("model_arg"),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="C,H,W of one input image (default: "
                                                                           "the zoo's, or found from the model)."),
     target: str = typer.Option("fpga", "--target", "-t", help="Profile whose weight bit width sets the step."),
@@ -405,7 +392,7 @@ def prune_cmd(
     model: str = typer.Argument(..., help="Zoo name or package.module:factory."),
     out: Path = typer.Option(..., "--out", "-o", help="Pruned model file (.safetensors)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for a module:factory model."),
-    model_arg: Optional[list[str]] = _model_arg_option(),
+    model_arg: Optional[list[str]] = _shared("model_arg"),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="C,H,W of one input image (default: "
                                                                           "the data's, the zoo's, or found from "
                                                                           "the model)."),
@@ -414,12 +401,12 @@ def prune_cmd(
                                                      "(also σ² ≤ ε: an approximation, check it with data)."),
     check: int = typer.Option(0, "--check", min=0, help="Compare pruned vs original logits on this many test "
                                                          "images of --data."),
-    data: Optional[str] = _data_option(),
-    image_size: Optional[str] = _image_size_option(),
-    center_crop: bool = _crop_option(),
-    channels: Optional[int] = _channels_option(),
-    mean: Optional[str] = _mean_option(),
-    std: Optional[str] = _std_option(),
+    data: Optional[str] = _shared("data"),
+    image_size: Optional[str] = _shared("image_size"),
+    center_crop: bool = _shared("center_crop"),
+    channels: Optional[int] = _shared("channels"),
+    mean: Optional[str] = _shared("mean"),
+    std: Optional[str] = _shared("std"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Fashion-MNIST IDX folder."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ) -> None:

@@ -39,11 +39,12 @@ def progress_bar(description: str, total: int | None):
 @contextmanager
 def _lines(description: str, total: int | None):
     start = last = time.monotonic()
-    done = [0]
+    done, shown = [0], [0]
 
     def line() -> None:
         of = f"/{total} ({done[0] / total:.0%})" if total else ""
         print(f"{description}: {done[0]}{of}, {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+        shown[0] = done[0]
 
     def advance(n: int = 1) -> None:
         nonlocal last
@@ -53,5 +54,5 @@ def _lines(description: str, total: int | None):
             line()
 
     yield advance
-    if time.monotonic() - start >= LINE_EVERY_S:  # short work stays silent; long work ends with its total
+    if time.monotonic() - start >= LINE_EVERY_S and shown[0] != done[0]:  # short work stays silent
         line()

@@ -104,6 +104,8 @@ def _load_inputs(c: Compilation):
     if c.float_model is None:
         loaded = load_model(c.config.model, c.config.weights, c.config.model_args)
         c.float_model, weights = loaded.module, loaded.weights
+        if weights is None and ":" in c.config.model:
+            c.say(f"warning: no --weights for {c.config.model}: the factory's own (initial) weights are compiled")
         check_layers(c.float_model, c.config.model)
         check_data_fits(c.float_model, c.config.model, c.spec, c.data)
         if c.spec.normalization is not None:
@@ -126,7 +128,7 @@ def check_data_fits(model, name: str, spec: InputSpec, data) -> None:
     if first is not None and first.in_channels != c:
         hint = f"; pass --channels {first.in_channels}" if first.in_channels in (1, 3) else ""
         raise DataError(f"the data gives {c}-channel images {spec.shape}; model {name!r} takes "
-                        f"{first.in_channels} channels (its first conv){hint}")
+                        f"{first.in_channels} channels (its first conv){hint}{_default_data_hint(data)}")
     x = data.test.take(2).images
     x = normalize(x, *spec.normalization) if spec.normalization is not None else x
     try:
@@ -136,11 +138,12 @@ def check_data_fits(model, name: str, spec: InputSpec, data) -> None:
         if _unquantized_input_layer(model) is not None:
             return  # a model problem, not the data's: check_io names it
         raise DataError(f"model {name!r} fails on the data's images of shape {tuple(x.shape)}: {one_line(exc, 140)}"
-                        f" (resize them with --image-size H,W)") from None
+                        f" (resize them with --image-size H,W){_default_data_hint(data)}") from None
     if isinstance(y, torch.Tensor) and y.ndim == 2 and y.shape[1] != spec.num_classes:
         shown = ", ".join(spec.classes[:6]) + (", ..." if spec.num_classes > 6 else "")
+        note = data.record.get("classes_note")
         raise DataError(f"model {name!r} gives {y.shape[1]} logits; the data has {spec.num_classes} classes "
-                        f"({shown})")
+                        f"({shown})" + (f": {note}" if note else "") + _default_data_hint(data))
 
 
 def _restore_load(c: Compilation, _state: Path) -> None:
@@ -183,6 +186,11 @@ def check_io(model, name: str, x, num_classes: int) -> None:
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ModelError(f"model {name!r} returns {shape} for input {tuple(x.shape)}; expected ({len(x)}, "
                          f"{num_classes}) logits")
+
+
+def _default_data_hint(data) -> str:
+    return "; this is the default data, Fashion-MNIST: pass your images with --data" \
+        if data.record.get("kind") == "fashion-mnist" else ""
 
 
 def _unquantized_input_layer(model) -> str | None:

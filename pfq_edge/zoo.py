@@ -379,14 +379,19 @@ def load_pruned(path: Path, trusted_spec: str | None = None, model_args: dict | 
 def _build(factory, name: str, kwargs: dict | None = None):
     import torch
 
+    if kwargs:
+        import inspect
+
+        try:
+            inspect.signature(factory).bind(**kwargs)
+        except TypeError as exc:
+            raise ModelError(f"model factory {name!r} does not take {sorted(kwargs)}: {exc}") from None
+        except ValueError:
+            pass  # no signature to check (a builtin): the call tells
     try:
         module = factory(**(kwargs or {}))
     except ModelError:
         raise
-    except TypeError as exc:
-        if kwargs and "argument" in str(exc):
-            raise ModelError(f"model factory {name!r} does not take {sorted(kwargs)}: {first_line(exc)}") from None
-        raise ModelError(f"model factory {name!r} failed: {exc}") from None
     except Exception as exc:
         raise ModelError(f"model factory {name!r} failed: {exc}") from None
     if not isinstance(module, torch.nn.Module):

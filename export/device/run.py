@@ -112,11 +112,12 @@ def load_images(path: Path, shape: list[int], preprocess: dict | None = None, cl
         fail(f"cannot read {path}: not a .npy/.npz file of numeric arrays")
     labels = None
     if isinstance(data, np.lib.npyio.NpzFile):
-        key = next((k for k in ("images", "x") if k in data.files), None)
+        key = next((k for k in ("images", "x", "x_test") if k in data.files), None)
         if key is None:
-            fail(f"{path} has arrays {data.files}; expected 'images' (and optionally 'labels')")
+            fail(f"{path} has arrays {data.files}; expected 'images' (and optionally 'labels'), or x_test/y_test")
         images = data[key]
-        labels = data["labels"] if "labels" in data.files else data["y"] if "y" in data.files else None
+        label_key = {"images": "labels", "x": "y", "x_test": "y_test"}[key]
+        labels = data[label_key] if label_key in data.files else None
     else:
         images = data
     c, h, w = shape

@@ -87,8 +87,9 @@ def make_spec(data: str | None = None, data_dir: Path | None = None, **preproces
                         preprocess=Preprocess(**pre), toml=toml)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "data"
-        raise DataError(f"data option {where}: {err['msg'].removeprefix('Value error, ')}") from None
+        where = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+        where = f"data option {where}: " if where else "data options: "
+        raise DataError(f"{where}{err['msg'].removeprefix('Value error, ')}") from None
 
 
 def load_dataset(spec: DataSpec, validation_images: int = 0):

@@ -39,6 +39,11 @@ class Preprocess(BaseModel):
             v = (v[0], v[0])
         return v
 
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _scalar(cls, v):
+        return (v,) if isinstance(v, (int, float)) else v
+
     @field_validator("channels")
     @classmethod
     def _channels(cls, v):
@@ -54,7 +59,7 @@ class Preprocess(BaseModel):
             raise ValueError("give mean and std together")
         if self.std is not None and min(self.std) <= 0:
             raise ValueError("std must be positive")
-        if self.mean is not None and len(self.mean) != len(self.std):
+        if self.mean is not None and len(self.mean) != len(self.std) and 1 not in (len(self.mean), len(self.std)):
             raise ValueError(f"mean has {len(self.mean)} values, std {len(self.std)}")
         if self.center_crop and self.image_size is None:
             raise ValueError("center_crop needs image_size")
@@ -69,10 +74,10 @@ class Preprocess(BaseModel):
         if self.mean is None:
             return None
         mean, std = self.mean, self.std
-        if len(mean) == 1:
-            mean, std = mean * channels, std * channels
-        if len(mean) != channels:
-            raise DataError(f"--mean/--std give {len(mean)} values; the images have {channels} channels")
+        mean, std = (mean * channels if len(mean) == 1 else mean), (std * channels if len(std) == 1 else std)
+        if len(mean) != channels or len(std) != channels:
+            raise DataError(f"--mean/--std give {max(len(self.mean), len(self.std))} values; the images have "
+                            f"{channels} channel(s)")
         return tuple(mean), tuple(std)
 
     def describe(self) -> str:

@@ -190,10 +190,14 @@ def read_arrays(path: Path, preprocess: Preprocess) -> Source:
         except Exception as exc:
             raise DataError(f"cannot read {path}: {first_line(exc)}") from None
         raw[split] = (_images(x, f"{path}: x_{split}"), _labels(y, len(x), f"{path}: y_{split}"))
-    if "classes" in files:
+    inferred = "classes" not in files
+    if not inferred:
         classes = tuple(str(c) for c in data["classes"].tolist())
-    else:
+    else:  # no names: labels 0..max, named by number
         classes = tuple(str(i) for i in range(max(int(y.max()) for _, y in raw.values() if len(y)) + 1))
+        top = {split: int(y.max()) for split, (_, y) in raw.items() if len(y)}
+        record_note = (f"{len(classes)} classes inferred from the labels (no 'classes' array; the largest label, "
+                       f"{max(top.values())}, is in y_{max(top, key=top.get)})")
     shapes = {x.shape[1:] for x, _ in raw.values()}
     if len(shapes) > 1 and preprocess.image_size is None:
         raise DataError(f"{path}: the splits hold images of shapes {sorted(shapes)}; pass --image-size H[,W]")
@@ -206,9 +210,11 @@ def read_arrays(path: Path, preprocess: Preprocess) -> Source:
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(SHUFFLE_SEED))
         images = preprocess.tensor(torch.from_numpy(x)[order])
         splits[split] = Split(images, torch.from_numpy(y.astype(np.int64))[order])
-    return Source("arrays", splits, classes,
-                  {"name": path.stem, "source": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                   "hash_of": "the .npz file"})
+    record = {"name": path.stem, "source": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+              "hash_of": "the .npz file"}
+    if inferred:
+        record["classes_note"] = record_note
+    return Source("arrays", splits, classes, record)
 
 
 def _images(x, what: str):
@@ -263,7 +269,11 @@ class _Preprocessed:
 
         if isinstance(x, Image.Image):
             return self.preprocess.pil(x), int(y)
-        x = torch.as_tensor(x, dtype=torch.float32)
+        try:
+            x = torch.as_tensor(x, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise DataError(f"dataset {self.name}: item {i} holds a {type(x).__name__} as its image; expected a "
+                            f"tensor or array (C, H, W) in [0, 1] or a Pillow image") from None
         if x.ndim == 2:
             x = x[None]
         if x.ndim != 3:

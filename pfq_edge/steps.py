@@ -123,12 +123,6 @@ def check_data_fits(model, name: str, spec: InputSpec, data) -> None:
     from pfq_edge.datasets.normalize import normalize
     from pfq_edge.errors import DataError
 
-    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    c = spec.shape[0]
-    if first is not None and first.in_channels != c:
-        hint = f"; pass --channels {first.in_channels}" if first.in_channels in (1, 3) else ""
-        raise DataError(f"the data gives {c}-channel images {spec.shape}; model {name!r} takes "
-                        f"{first.in_channels} channels (its first conv){hint}{_default_data_hint(data)}")
     x = data.test.take(2).images
     x = normalize(x, *spec.normalization) if spec.normalization is not None else x
     try:
@@ -137,6 +131,13 @@ def check_data_fits(model, name: str, spec: InputSpec, data) -> None:
     except Exception as exc:
         if _unquantized_input_layer(model) is not None:
             return  # a model problem, not the data's: check_io names it
+        first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+        c = spec.shape[0]
+        if first is not None and first.in_channels != c:  # the likely cause; a model may convert channels itself
+            hint = f"; pass --channels {first.in_channels}" if first.in_channels in (1, 3) else ""
+            raise DataError(f"the data gives {c}-channel images {spec.shape}; model {name!r} takes "
+                            f"{first.in_channels} channels (its first conv){hint}{_default_data_hint(data)}"
+                            ) from None
         raise DataError(f"model {name!r} fails on the data's images of shape {tuple(x.shape)}: {one_line(exc, 140)}"
                         f" (resize them with --image-size H,W){_default_data_hint(data)}") from None
     if isinstance(y, torch.Tensor) and y.ndim == 2 and y.shape[1] != spec.num_classes:

@@ -40,20 +40,31 @@ def digits_npz(path: Path) -> Path:
     return path
 
 
-def train_weights(factory, data_spec, path: Path, epochs: int = 3, mean=None, std=None, **kwargs) -> Path:
-    """Train ``factory(**kwargs)`` briefly on ``data_spec`` (pfq-edge's own data pipeline) and save a state dict."""
+def train_weights(factory, data_spec, path: Path, epochs: int = 3, mean=None, std=None, head: str | None = None,
+                  **kwargs) -> Path:
+    """Train ``factory(**kwargs)`` briefly on ``data_spec`` (pfq-edge's own data pipeline) and save a state dict.
+    ``head``: the name of the final Linear layer to train alone (transfer learning: the pretrained backbone and its
+    BN statistics stay as they are; its pooled features are computed once)."""
     import torch
     from safetensors.torch import save_file
 
-    from pfq_edge.datasets import load_dataset
+    from pfq_edge.datasets import Split, load_dataset
     from pfq_edge.datasets.normalize import with_input_normalization
-    from pfq_edge.train import TrainConfig, train
+    from pfq_edge.train import TrainConfig, predict, train
 
     torch.manual_seed(0)
     ds = load_dataset(data_spec)
     model = factory(**kwargs)
     net = with_input_normalization(model, mean, std) if mean is not None else model
-    train(net, ds.train, TrainConfig(epochs=epochs, lr=3e-3, batch_size=64))
+    if head is None:
+        train(net, ds.train, TrainConfig(epochs=epochs, lr=3e-3, batch_size=64))
+    else:
+        fc = getattr(model, head)
+        setattr(model, head, torch.nn.Identity())
+        net = with_input_normalization(model, mean, std) if mean is not None else model
+        features = predict(net, ds.train)  # (N, in_features), backbone in eval mode
+        setattr(model, head, fc)
+        train(fc, Split(features, ds.train.labels), TrainConfig(epochs=epochs, lr=1e-3, batch_size=64))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
 
@@ -74,6 +85,7 @@ def main(argv=None) -> None:
     ap.add_argument("--std", type=str)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--size", type=int, default=32, help="data: side of the RGB clothes images")
+    ap.add_argument("--head", help="train only this final Linear layer (e.g. _fc of effnet_lite0)")
     a = ap.parse_args(argv)
     here = Path(".")
     if a.command == "data":
@@ -98,7 +110,7 @@ def main(argv=None) -> None:
         c = load_dataset(spec).shape[0]
         mean, std = [tuple(float(v) for v in t.split(",")) for t in (a.mean, a.std)]
         mean, std = (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
-    train_weights(factory, spec, Path(out), epochs=a.epochs, mean=mean, std=std)
+    train_weights(factory, spec, Path(out), epochs=a.epochs, mean=mean, std=std, head=a.head)
     print(f"wrote {out}", file=sys.stderr)
 
 

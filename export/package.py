@@ -166,6 +166,7 @@ def device_readme(info: dict, archive: str, run_it: list[str]) -> str:
     from pfq_edge.report import pct
 
     acc, rt = info["accuracy"], info["runtime"]
+    data, norm = info.get("dataset") or {}, info["model"].get("input_normalization")
     quantized = acc["finetuned"] if acc.get("finetuned") is not None else acc.get("quantized_ptq")
     deployed = (f", this package's {rt.get('library')} {pct(acc.get('deployed'))}"
                 if acc.get("deployed") is not None else "")
@@ -173,12 +174,26 @@ def device_readme(info: dict, archive: str, run_it: list[str]) -> str:
              f"Made by pfq-edge: PfQ removed {info['pfq']['filters_removed']} filters (rule {info['pfq']['rule']}), "
              + ("then quantization-aware fine-tuning. " if acc.get("finetuned") is not None else
                 "then quantization (no fine-tuning). ") +
-             f"Fashion-MNIST top-1: float {pct(acc.get('float'))}, quantized {pct(quantized)}{deployed}.", "",
+             f"{data.get('name', 'Fashion-MNIST')} top-1 ({data.get('images', {}).get('test', '?')} test images): "
+             f"float {pct(acc.get('float'))}, quantized {pct(quantized)}{deployed}.", "",
+             f"Input: {' × '.join(map(str, rt['input_shape']))} pixels in [0, 1]; preprocessing of image files "
+             f"(run.py applies it): {_preprocessing_text(rt.get('preprocess'))}"
+             + (f"; the model normalises its input (mean {norm['mean']}, std {norm['std']})" if norm else "")
+             + ".", "",
              "## Check the files", "", "    sha256sum -c SHA256SUMS        # or, with pfq-edge: pfq-edge verify "
              f"{archive}", "", "## Run it", "", *run_it,
              "", "manifest.json lists the versions, the profile, every golden check and the sha256 of every file; "
              "report.md explains each number.", ""]
     return "\n".join(lines)
+
+
+def _preprocessing_text(pre: dict | None) -> str:
+    pre = pre or {}
+    steps = [f"convert to {pre['channels']} channel(s)"] if pre.get("channels") else []
+    if pre.get("image_size"):
+        steps.append(("resize the shorter side and center-crop to " if pre.get("center_crop") else "resize to ")
+                     + "×".join(map(str, pre["image_size"])) + " (bilinear)")
+    return ", ".join(steps) or "none"
 
 
 def write_package(folder: Path, archive: str, files: dict[str, Path], info: dict, run_it) -> Path:

@@ -55,6 +55,9 @@ def test_compile_fpga_from_an_image_folder(rgb, tmp_path):
     with tarfile.open(next(out.glob("*.tar.gz"))) as tar:
         names = tar.getnames()
         manifest = json.load(tar.extractfile(next(n for n in names if n.endswith("manifest.json"))))
+        readme = tar.extractfile(next(n for n in names if n.endswith("README.md"))).read().decode()
+    assert "top-1 (60 test images)" in readme and "convert to 3 channel(s)" in readme
+    assert "The accelerator takes UINT8 pixels (N, 3, 32, 32)" in readme and "mean [0.29, 0.29, 0.29]" in readme
     assert manifest["classes"] == ["Coat", "Dress", "Pullover", "T-shirt-top", "Trouser"]
     assert manifest["runtime"]["input_shape"] == [3, 32, 32]
     assert manifest["runtime"]["accelerator_input"].startswith("UINT8 pixels (N, 3, 32, 32)")

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from pfq_edge.compilation import Compilation, Dataset, InputSpec, StepResult, front_end_settings
-from pfq_edge.errors import ModelError, ProfileError, one_line
+from pfq_edge.compilation import Compilation, InputSpec, StepResult, front_end_settings
+from pfq_edge.errors import ModelError, one_line
 from pfq_edge.golden import GoldenResult
 
 CALIBRATION_IMAGES = 1024

@@ -7,7 +7,6 @@ returns an ``nn.Module``). Weights load without pickle code execution: safetenso
 
 from __future__ import annotations
 
-import importlib
 import json
 import warnings
 from dataclasses import dataclass, field

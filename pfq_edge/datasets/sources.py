@@ -285,8 +285,6 @@ class _Preprocessed:
 
 
 def read_python(spec: str, preprocess: Preprocess) -> Source:
-    import importlib
-
     import torch
 
     module_name, _, attr = spec.partition(":")

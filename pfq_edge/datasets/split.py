@@ -11,7 +11,10 @@ fixed seed; Fashion-MNIST's own file order already is), so "the first n" is a sa
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 from pfq_edge.errors import DataError
 

@@ -211,6 +211,9 @@ def compile_cmd(
     cfg.check()
     profiles = effective_profiles(cfg, targets)  # fail fast on a bad target or option, before heavy imports
     if list_steps:
+        from pfq_edge.pipeline import check_step_names
+
+        check_step_names(cfg, profiles)  # a misspelt --to-step is named here too
         _print_steps(profiles, as_json)
         return
     if resume and not checkpoint.is_file():

@@ -96,6 +96,11 @@ def check_targets(cfg: CompileConfig, profiles: list) -> None:
         backend = backend_for(profile.kind)
         backend.check_config(profile, cfg, several=len(profiles) > 1)
         backend.check_tools(profile)
+    check_step_names(cfg, profiles)
+
+
+def check_step_names(cfg: CompileConfig, profiles: list) -> None:
+    """--to-step / --from-step: known steps of the one target, in order, and a folder to resume from."""
     if cfg.to_step is None and cfg.from_step is None:
         return
     if len(profiles) > 1:

@@ -211,6 +211,8 @@ def test_list_steps_names_every_step_of_a_target():
     assert [s["step"] for s in steps["cpu-aarch64"]] == ["load", "prune", "quantize", "finetune", "export", "build",
                                                          "measure", "package"]
     assert steps["cpu-aarch64"][5]["golden"] == ["tvm build"] and steps["cpu-aarch64"][5]["requires"] == ["export"]
+    misspelt = run("compile", "--target", "fpga", "--list-steps", "--to-step", "finetun")
+    assert one_line_error(misspelt) and "'finetun' is not a step" in misspelt.stderr and not misspelt.stdout
 
 
 def test_stop_after_finetune_then_resume_gives_the_same_package(compiled, tmp_path):

@@ -163,7 +163,7 @@ def write_archive(path: Path, files: dict[str, Path], manifest: dict) -> Path:
 def device_readme(info: dict, archive: str, run_it: list[str]) -> str:
     """README.md of the package: what is in it, how to check it, ``run_it`` (the backend's "Run it" lines: how to
     run it on the device) and what was verified."""
-    from pfq_edge.report import pct
+    from pfq_edge.report import pct, preprocessing_text
 
     acc, rt = info["accuracy"], info["runtime"]
     data, norm = info.get("dataset") or {}, info["model"].get("input_normalization")
@@ -177,7 +177,7 @@ def device_readme(info: dict, archive: str, run_it: list[str]) -> str:
              f"{data.get('name', 'Fashion-MNIST')} top-1 ({data.get('images', {}).get('test', '?')} test images): "
              f"float {pct(acc.get('float'))}, quantized {pct(quantized)}{deployed}.", "",
              f"Input: {' × '.join(map(str, rt['input_shape']))} pixels in [0, 1]; preprocessing of image files "
-             f"(run.py applies it): {_preprocessing_text(rt.get('preprocess'))}"
+             f"(run.py applies it): {preprocessing_text(rt.get('preprocess'))}"
              + (f"; the model normalises its input (mean {norm['mean']}, std {norm['std']})" if norm else "")
              + ".", "",
              "## Check the files", "", "    sha256sum -c SHA256SUMS        # or, with pfq-edge: pfq-edge verify "
@@ -185,15 +185,6 @@ def device_readme(info: dict, archive: str, run_it: list[str]) -> str:
              "", "manifest.json lists the versions, the profile, every golden check and the sha256 of every file; "
              "report.md explains each number.", ""]
     return "\n".join(lines)
-
-
-def _preprocessing_text(pre: dict | None) -> str:
-    pre = pre or {}
-    steps = [f"convert to {pre['channels']} channel(s)"] if pre.get("channels") else []
-    if pre.get("image_size"):
-        steps.append(("resize the shorter side and center-crop to " if pre.get("center_crop") else "resize to ")
-                     + "×".join(map(str, pre["image_size"])) + " (bilinear)")
-    return ", ".join(steps) or "none"
 
 
 def write_package(folder: Path, archive: str, files: dict[str, Path], info: dict, run_it) -> Path:

@@ -83,6 +83,16 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def preprocessing_text(pre: dict | None) -> str:
+    """What is done to an image file before the model (channels, resize / crop), in words; mean/std aside."""
+    pre = pre or {}
+    steps = [f"convert to {pre['channels']} channel(s)"] if pre.get("channels") else []
+    if pre.get("image_size"):
+        steps.append(("resize the shorter side and center-crop to " if pre.get("center_crop") else "resize to ")
+                     + "×".join(map(str, pre["image_size"])) + " (bilinear)")
+    return ", ".join(steps) or "none"
+
+
 def data_section(d: dict | None) -> list[str]:
     """The data a compile used (``stages.load.dataset``): source, image counts, classes, preprocessing, hash."""
     if not d:
@@ -91,10 +101,7 @@ def data_section(d: dict | None) -> list[str]:
     names = d.get("class_names") or []
     shown = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "")
     pre = d.get("preprocess", {})
-    steps = [f"{pre.get('channels')} channel(s)"]
-    if pre.get("image_size"):
-        steps.append(("resize + center crop to " if pre.get("center_crop") else "resize to ")
-                     + "×".join(map(str, pre["image_size"])))
+    steps = [preprocessing_text(pre)]
     if pre.get("mean") is not None:
         steps.append(f"mean {pre['mean']} / std {pre['std']} inside the model")
     rows = [["source", f"{d.get('source')} ({d.get('kind')})"],

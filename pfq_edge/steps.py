@@ -101,16 +101,17 @@ def _load_inputs(c: Compilation):
         c.data = load_dataset(c.config.data_spec, c.profile.finetune.validation_images)
     if c.spec is None:
         c.spec = InputSpec(tuple(c.data.shape), tuple(c.data.classes), c.data.normalization)
-    if c.float_model is None:
+    fresh = c.float_model is None  # a caller's model is already checked against its data and normalised
+    if fresh:
         loaded = load_model(c.config.model, c.config.weights, c.config.model_args)
         c.float_model, weights = loaded.module, loaded.weights
         if weights is None and ":" in c.config.model:
             c.say(f"warning: no --weights for {c.config.model}: the factory's own (initial) weights are compiled")
-        check_layers(c.float_model, c.config.model)
+    check_layers(c.float_model, c.config.model)
+    if fresh:
         check_data_fits(c.float_model, c.config.model, c.spec, c.data)
         if c.spec.normalization is not None:
             c.float_model = with_input_normalization(c.float_model, *c.spec.normalization)
-    check_layers(c.float_model, c.config.model)
     check_io(c.float_model, c.config.model, c.data.test.take(2).images, c.spec.num_classes)
     return weights
 

@@ -36,9 +36,10 @@ def fail(message: str) -> None:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
-def preprocess_image(image, channels: int, size, center_crop: bool) -> np.ndarray:
-    """A Pillow image → float32 (C, H, W) in [0, 1]: convert to ``channels``, resize to ``size`` (H, W; bilinear)
-    with an optional center crop. Mirrors pfq_edge/datasets/preprocess.py (this file runs without pfq-edge)."""
+def preprocess_image(image, channels: int | None, size, center_crop: bool) -> np.ndarray:
+    """A Pillow image → float32 (C, H, W) in [0, 1]: convert to ``channels`` (None: keep), resize to ``size``
+    (H, W; bilinear) with an optional center crop. pfq-edge's own image preprocessing calls this function
+    (pfq_edge/datasets/preprocess.py), so a package replays what the compile saw; this file runs without pfq-edge."""
     from PIL import Image
 
     if channels == 1 and image.mode != "L":

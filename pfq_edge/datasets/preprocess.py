@@ -80,30 +80,17 @@ class Preprocess(BaseModel):
                             f"{channels} channel(s)")
         return tuple(mean), tuple(std)
 
-    def describe(self) -> str:
-        parts = []
-        if self.channels:
-            parts.append(f"{self.channels} channel{'s' if self.channels > 1 else ''}")
-        if self.image_size:
-            parts.append(("resize shorter side + center crop " if self.center_crop else "resize ")
-                         + "×".join(map(str, self.image_size)))
-        if self.mean is not None:
-            parts.append(f"mean {list(self.mean)} std {list(self.std)} (inside the model)")
-        return ", ".join(parts) or "none (pixels / 255)"
-
     # --- applying it ------------------------------------------------------------------------------------------
 
     def pil(self, image):
-        """A Pillow image → float32 tensor (C, H, W) in [0, 1]."""
-        import numpy as np
+        """A Pillow image → float32 tensor (C, H, W) in [0, 1]. The resize and crop are the package's run.py's own
+        (export/device/run.py, ``preprocess_image``), so a device replays exactly what the compile saw."""
         import torch
 
-        image = _convert(image, self.channels)
-        if self.image_size is not None:
-            image = _resize_pil(image, self.image_size, self.center_crop)
-        arr = np.asarray(image, dtype=np.uint8)
-        arr = arr[:, :, None] if arr.ndim == 2 else arr
-        return torch.from_numpy(arr.transpose(2, 0, 1).astype(np.float32) / 255.0)
+        from pfq_edge.export.device.run import preprocess_image
+
+        return torch.from_numpy(preprocess_image(_convert(image, self.channels), None, self.image_size,
+                                                 self.center_crop))
 
     def tensor(self, images):
         """Float32 (N, C, H, W) in [0, 1] → the same after channel conversion and resize (torch, antialiased)."""
@@ -140,19 +127,6 @@ def _convert(image, channels: int | None):
     if mode in ("L", "RGB"):
         return image
     return image.convert("L" if mode in ("1", "I", "I;16", "F", "LA") else "RGB")
-
-
-def _resize_pil(image, size: tuple[int, int], center_crop: bool):
-    from PIL import Image
-
-    h, w = size
-    if not center_crop:
-        return image.resize((w, h), Image.Resampling.BILINEAR)
-    scale = max(h / image.height, w / image.width)
-    rw, rh = max(w, round(image.width * scale)), max(h, round(image.height * scale))
-    image = image.resize((rw, rh), Image.Resampling.BILINEAR)
-    left, top = (rw - w) // 2, (rh - h) // 2
-    return image.crop((left, top, left + w, top + h))
 
 
 def image_channels(mode: str) -> int:

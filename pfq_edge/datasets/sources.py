@@ -19,9 +19,9 @@ from pathlib import Path
 
 from pfq_edge.datasets.preprocess import Preprocess, image_channels
 from pfq_edge.datasets.split import Split
+from pfq_edge.export.device.run import IMAGE_SUFFIXES  # the image files run.py reads, the same list
 from pfq_edge.errors import DataError, first_line
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 SHUFFLE_SEED = 0  # the fixed order of folder and array splits (calibration / golden checks take the first images)
 SPLITS = ("train", "test", "val")
 

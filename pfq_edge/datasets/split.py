@@ -41,36 +41,25 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def _select(self, positions) -> "Split":
-        import torch
-
-        positions = torch.as_tensor(positions, dtype=torch.int64)
+    def part(self, start: int | None = None, stop: int | None = None, step: int | None = None) -> "Split":
+        """Samples ``start:stop:step`` in the same form (in memory: a view of the images)."""
+        s = slice(start, stop, step)
         if not self.streamed:
-            return Split(self.images[positions], self.labels[positions])
-        return Split(labels=self.labels[positions], dataset=self.dataset,
-                     indices=[self.indices[int(p)] for p in positions])
+            return Split(self.images[s], self.labels[s])
+        return Split(labels=self.labels[s], dataset=self.dataset, indices=self.indices[s])
 
     def subset(self, n: int | None) -> "Split":
         """The first ``n`` samples (all if n is None or larger than the split), in the same form."""
-        if n is None or n >= len(self):
-            return self
-        if not self.streamed:
-            return Split(self.images[:n], self.labels[:n])
-        return Split(labels=self.labels[:n], dataset=self.dataset, indices=self.indices[:n])
+        return self if n is None or n >= len(self) else self.part(0, n)
 
     def split_off(self, n: int) -> tuple["Split", "Split"]:
         """(all but the last ``n`` samples, the last ``n``): the validation hold-out."""
         keep = len(self) - n
-        if not self.streamed:
-            return (Split(self.images[:keep], self.labels[:keep]), Split(self.images[keep:], self.labels[keep:]))
-        return (Split(labels=self.labels[:keep], dataset=self.dataset, indices=self.indices[:keep]),
-                Split(labels=self.labels[keep:], dataset=self.dataset, indices=self.indices[keep:]))
+        return self.part(0, keep), self.part(keep)
 
     def strided(self, start: int, step: int) -> "Split":
         """Every ``step``-th sample from ``start`` (one process's share under torchrun; a view in memory)."""
-        if not self.streamed:
-            return Split(self.images[start::step], self.labels[start::step])
-        return Split(labels=self.labels[start::step], dataset=self.dataset, indices=self.indices[start::step])
+        return self.part(start, None, step)
 
     def take(self, n: int) -> "Split":
         """The first ``n`` samples as an in-memory split (decoded; names a file that cannot be read)."""

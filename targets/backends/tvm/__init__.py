@@ -134,7 +134,7 @@ def build(c: Compilation) -> BuildResult:
         chunk = max(spec.batch_size, DEPLOYED_CHUNK_BYTES // per_image // spec.batch_size * spec.batch_size)
         parts = []  # chunks of the test split: a large one is never in memory at once
         for start in range(0, n, chunk):
-            images = test.subset(min(start + chunk, n)).strided(start, 1).take(min(chunk, n - start)).images
+            images = test.part(start, min(start + chunk, n)).take(chunk).images
             parts.append(run_outputs("tvm", built.library, images.numpy(), spec.batch_size,
                                      resolve_threads(spec.threads)))
         out = np.concatenate(parts)

@@ -8,6 +8,7 @@ CPU/GPU targets quantize them to int32 at input scale × weight scale, the grid 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -158,7 +159,7 @@ def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 256) ->
     from brevitas.graph.calibrate import calibration_mode
 
     qmodel.eval()
-    with torch.no_grad(), calibration_mode(qmodel):
+    with torch.no_grad(), _observer_state_kept(qmodel), calibration_mode(qmodel):
         for i in range(0, len(images), batch_size):
             qmodel(images[i:i + batch_size])
     qmodel.eval()
@@ -170,10 +171,25 @@ def correct_bias(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 256)
     from brevitas.graph.calibrate import bias_correction_mode
 
     qmodel.eval()
-    with torch.no_grad(), bias_correction_mode(qmodel):
+    with torch.no_grad(), _observer_state_kept(qmodel), bias_correction_mode(qmodel):
         for i in range(0, len(images), batch_size):
             qmodel(images[i:i + batch_size])
     qmodel.eval()
+
+
+@contextlib.contextmanager
+def _observer_state_kept(qmodel: nn.Module):
+    # Brevitas 0.13.4's calibration_mode switches every activation quantizer to observer_only (stats, no rounding)
+    # and restores what it saw per proxy. The inputs of a concat or an add share one quantizer (Brevitas aligns
+    # them), seen through two proxies: the second records the first's True and "restores" it, so that quantizer
+    # never rounds again — Brevitas then computes those tensors in float while the export quantizes them (a concat
+    # model: every image off; EfficientNet-Lite0: all its residual adds). Restore the state as it was before.
+    before = {m: m.observer_only for m in qmodel.modules() if hasattr(m, "observer_only")}
+    try:
+        yield
+    finally:
+        for m, state in before.items():
+            m.observer_only = state
 
 
 def weight_bits(qmodel: nn.Module) -> dict:

@@ -210,6 +210,20 @@ def predict(model, images, batch_size: int = 500):
         return torch.cat([_as_tensor(model(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
 
 
+def predict_float64(model, images, batch_size: int = 64):
+    """Logits (N, classes) as a float64 numpy array of a copy of ``model`` run in float64 on ``images`` (N, C, H, W):
+    the quantized model's function without float32 rounding — the arbiter of pfq_edge.golden. ``model`` itself is
+    left as it is."""
+    import copy
+
+    import torch
+
+    twin = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        return torch.cat([_as_tensor(twin(images[i:i + batch_size].double()))
+                          for i in range(0, len(images), batch_size)]).numpy()
+
+
 def _as_tensor(out):
     # Brevitas layers may return a QuantTensor; its .value is the dequantized float tensor.
     return out.value if hasattr(out, "value") and not hasattr(out, "dim") else out

@@ -10,11 +10,11 @@ from torch import nn
 from conftest import randomize_bn, tiny_dscnn
 from pfq_edge.errors import GoldenCheckError
 from pfq_edge.export.qonnx import export_qonnx
-from pfq_edge.golden import TOLERANCES, golden_check
+from pfq_edge.golden import TOLERANCES, check, golden_check
 from pfq_edge.runners.onnx import run_qonnx
 from pfq_edge.quantize import calibrate, quantize_model
 from pfq_edge.targets.profile import QuantSpec
-from pfq_edge.train import predict
+from pfq_edge.train import predict, predict_float64
 
 EXPORT = TOLERANCES["export"]
 EXPORT_ATOL, EXPORT_MIN_AGREEMENT, EXPORT_MAX_FLIPPED = EXPORT.atol, EXPORT.min_agreement, EXPORT.max_mismatch_fraction
@@ -51,6 +51,56 @@ def test_golden_check_fails_on_a_tampered_model(exported, images, tmp_path):
     with pytest.raises(GoldenCheckError, match="export"):
         golden_check("export", predict(qm, images).numpy(), run_qonnx(bad, images.numpy()), atol=EXPORT_ATOL,
                      min_agreement=EXPORT_MIN_AGREEMENT, max_mismatch_fraction=EXPORT_MAX_FLIPPED)
+    # the float64 arbiter does not rescue a real fault
+    with pytest.raises(GoldenCheckError, match="against the float64 computation"):
+        check("export", "export", predict(qm, images).numpy(), run_qonnx(bad, images.numpy()),
+              exact=lambda: predict_float64(qm, images))
+
+
+def test_float64_twin_computes_the_quantized_model(exported, images):
+    qm, _ = exported
+    exact = predict_float64(qm, images)
+    assert exact.dtype == np.float64 and next(qm.parameters()).dtype == torch.float32  # a copy ran, not qm
+    assert (exact.argmax(1) == predict(qm, images).numpy().argmax(1)).mean() >= 0.99
+
+
+def _deep_net_logits(seed: int, exact: np.ndarray, shifted: float, flips: int) -> np.ndarray:
+    """``exact`` as a float32 runtime of a deep quantized net computes it: ``shifted`` of the images moved by
+    one-step flips (0.05–0.4), ``flips`` near-ties decided the other way."""
+    rng = np.random.default_rng(seed)
+    out = exact.astype(np.float32).copy()
+    moved = rng.choice(len(out), int(shifted * len(out)), replace=False)
+    out[moved] += rng.uniform(0.05, 0.4, size=(len(moved), 1)) * rng.choice([-1, 1], size=out[moved].shape)
+    for i in rng.choice(len(out), flips, replace=False):
+        top2 = np.argsort(out[i])[-2:]
+        out[i, top2] = out[i, top2[::-1]]
+    return out
+
+
+def test_float64_arbiter_judges_where_float32_rounding_compounds():
+    rng = np.random.default_rng(0)
+    exact = rng.normal(size=(200, 5))
+    exact[np.arange(200), rng.integers(0, 5, 200)] += 3
+    reference = _deep_net_logits(1, exact, shifted=0.45, flips=3)   # Brevitas float32
+    candidate = _deep_net_logits(2, exact, shifted=0.45, flips=2)   # onnxruntime, other sums, other flips
+    calls = []
+
+    def arbiter():
+        calls.append(1)
+        return exact
+
+    with pytest.raises(GoldenCheckError):  # the float32 comparison alone refuses it
+        check("export", "export", reference, candidate)
+    result = check("export", "export", reference, candidate, exact=arbiter)
+    assert result.passed and result.arbiter["passed"] and calls == [1]
+    for who, logits in (("candidate", candidate), ("reference", reference)):
+        assert result.arbiter[who]["top1_flips"] == (logits.argmax(1) != exact.argmax(1)).sum() >= 2
+    # a scale fault on top of the same noise: every image off the exact logits by more than the reference is
+    with pytest.raises(GoldenCheckError, match="against the float64 computation"):
+        check("export", "export", reference, candidate * 1.5, exact=arbiter)
+    # where float32 agrees, the arbiter is never computed
+    calls.clear()
+    assert check("export", "export", reference, reference.copy(), exact=arbiter).arbiter is None and not calls
 
 
 def test_golden_check_tolerates_rare_flips_but_not_systematic_error():

@@ -40,11 +40,10 @@ def digits_npz(path: Path) -> Path:
     return path
 
 
-def train_weights(factory, data_spec, path: Path, epochs: int = 3, mean=None, std=None, head: str | None = None,
-                  **kwargs) -> Path:
-    """Train ``factory(**kwargs)`` briefly on ``data_spec`` (pfq-edge's own data pipeline) and save a state dict.
-    ``head``: the name of the final Linear layer to train alone (transfer learning: the pretrained backbone and its
-    BN statistics stay as they are; its pooled features are computed once)."""
+def train_weights(factory, data_spec, path: Path, epochs: int = 3, head: str | None = None, **kwargs) -> Path:
+    """Train ``factory(**kwargs)`` briefly on ``data_spec`` (pfq-edge's own data pipeline, its preprocessing and
+    mean/std included) and save a state dict. ``head``: the name of the final Linear layer to train alone (transfer
+    learning: the pretrained backbone and its BN statistics stay as they are; its pooled features are computed once)."""
     import torch
     from safetensors.torch import save_file
 
@@ -55,14 +54,16 @@ def train_weights(factory, data_spec, path: Path, epochs: int = 3, mean=None, st
     torch.manual_seed(0)
     ds = load_dataset(data_spec)
     model = factory(**kwargs)
-    net = with_input_normalization(model, mean, std) if mean is not None else model
+
+    def normalized(m):
+        return with_input_normalization(m, *ds.normalization) if ds.normalization is not None else m
+
     if head is None:
-        train(net, ds.train, TrainConfig(epochs=epochs, lr=3e-3, batch_size=64))
+        train(normalized(model), ds.train, TrainConfig(epochs=epochs, lr=3e-3, batch_size=64))
     else:
         fc = getattr(model, head)
         setattr(model, head, torch.nn.Identity())
-        net = with_input_normalization(model, mean, std) if mean is not None else model
-        features = predict(net, ds.train)  # (N, in_features), backbone in eval mode
+        features = predict(normalized(model), ds.train)  # (N, in_features), backbone in eval mode
         setattr(model, head, fc)
         train(fc, Split(features, ds.train.labels), TrainConfig(epochs=epochs, lr=1e-3, batch_size=64))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
@@ -81,8 +82,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("command", nargs="?", default="data", choices=["data", "train"])
     ap.add_argument("args", nargs="*")
-    ap.add_argument("--mean", type=str, help="one value or a comma list per channel")
+    ap.add_argument("--mean", type=str, help="train: one value or a comma list per channel (as pfq-edge's --mean)")
     ap.add_argument("--std", type=str)
+    ap.add_argument("--image-size", type=str, help="train: H[,W], as pfq-edge's --image-size")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--size", type=int, default=32, help="data: side of the RGB clothes images")
     ap.add_argument("--head", help="train only this final Linear layer (e.g. _fc of effnet_lite0)")
@@ -101,17 +103,13 @@ def main(argv=None) -> None:
     data, factory_name, out = a.args
     import user_models
 
-    factory = getattr(user_models, factory_name)
-    spec = make_spec(data)
-    mean = std = None
-    if a.mean is not None:
-        from pfq_edge.datasets import load_dataset
-
-        c = load_dataset(spec).shape[0]
-        mean, std = [tuple(float(v) for v in t.split(",")) for t in (a.mean, a.std)]
-        mean, std = (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
-    train_weights(factory, spec, Path(out), epochs=a.epochs, mean=mean, std=std, head=a.head)
+    spec = make_spec(data, None, mean=_floats(a.mean), std=_floats(a.std), image_size=_floats(a.image_size, int))
+    train_weights(getattr(user_models, factory_name), spec, Path(out), epochs=a.epochs, head=a.head)
     print(f"wrote {out}", file=sys.stderr)
+
+
+def _floats(text: str | None, kind=float):
+    return None if text is None else tuple(kind(v) for v in text.split(","))
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def run_onnxruntime(path: Path, images: np.ndarray, level: str = "off", threads:
         raise ToolchainError(f"onnxruntime cannot run {Path(path).name}: {one_line(exc)}") from None
 
 
-def onnxruntime_levels(path: Path, images, reference) -> tuple[dict, str]:
+def onnxruntime_levels(path: Path, images, reference, exact=None) -> tuple[dict, str]:
     """onnxruntime at level "all" (what a deployment runs) and "basic" (the last before QDQ fusion) on ``images``
     (N, C, H, W) float32, each checked against ``reference``, the logits (N, classes) of the graph as written (level
     off), with the golden table's "onnxruntime level" tolerance (recorded, never raised). Returns ({level:
@@ -95,11 +95,12 @@ def onnxruntime_levels(path: Path, images, reference) -> tuple[dict, str]:
     From level extended on, onnxruntime fuses Q/DQ into integer kernels that requantize exact int32 sums, where the
     graph as written rounds float32 sums: activations on a rounding boundary land one step apart, so most images
     move a little (counted, not bounded). What a level must not do is change the classification: ≥ 99% top-1
-    agreement, which caught onnxruntime 1.25.1 dropping run-time biases (16.8%).
+    agreement, which caught onnxruntime 1.25.1 dropping run-time biases (16.8%). ``exact``: the float64 arbiter
+    (pfq_edge.golden.check), asked where the float32 comparison fails.
     """
     from pfq_edge.golden import check
 
     levels = {level: check("onnxruntime level", f"onnxruntime, optimization level {level}, vs the QCDQ graph",
-                           reference, run_onnxruntime(path, images, level=level)).as_dict()
+                           reference, run_onnxruntime(path, images, level=level), exact=exact).as_dict()
               for level in ("all", "basic")}
     return levels, next((k for k, v in levels.items() if v["passed"]), "off")

@@ -36,12 +36,12 @@ def export(c: Compilation) -> QonnxExportResult:
     from pfq_edge.export.qonnx import export_qonnx
     from pfq_edge.golden import check
     from pfq_edge.runners.onnx import run_qonnx
-    from pfq_edge.train import predict
+    from pfq_edge.train import predict, predict_float64
 
     images = c.data.test.take(GOLDEN_IMAGES).images
     path = export_qonnx(c.qmodel, images[:1], c.work / QONNX_FILE)
     golden = check("export", "export (QONNX vs Brevitas)", predict(c.qmodel, images).numpy(),
-                   run_qonnx(path, images.numpy()))
+                   run_qonnx(path, images.numpy()), exact=lambda: predict_float64(c.qmodel, images))
     return QonnxExportResult(format="QONNX", file=path.name, bytes=path.stat().st_size, golden=golden)
 
 

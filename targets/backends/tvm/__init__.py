@@ -44,6 +44,16 @@ class QcdqExportResult(StepResult):
         return {self.file: self.file}
 
 
+def _exact_logits(c: Compilation, images):
+    """The golden checks' float64 arbiter (pfq_edge.golden): Brevitas in float64 on ``images``, computed once and
+    only if a float32 comparison fails; None when the quantized model is not in memory."""
+    import functools
+
+    from pfq_edge.train import predict_float64
+
+    return functools.cache(lambda: predict_float64(c.qmodel, images)) if c.qmodel is not None else None
+
+
 def export(c: Compilation) -> QcdqExportResult:
     """Standard ONNX Q/DQ (QCDQ) export at the profile's batch size; golden check of the graph's own semantics
     (onnxruntime, optimizations off) against Brevitas; then onnxruntime at "all" (integer kernels) and "basic"
@@ -57,8 +67,10 @@ def export(c: Compilation) -> QcdqExportResult:
     batch = c.profile.runtime.batch_size
     path = export_qcdq(c.qmodel, images[:batch], c.work / QCDQ_FILE)
     written = run_onnxruntime(path, images.numpy())
-    golden = check("export", "export (QCDQ in onnxruntime vs Brevitas)", predict(c.qmodel, images).numpy(), written)
-    levels, chosen = onnxruntime_levels(path, images.numpy(), written)
+    exact = _exact_logits(c, images)
+    golden = check("export", "export (QCDQ in onnxruntime vs Brevitas)", predict(c.qmodel, images).numpy(), written,
+                   exact=exact)
+    levels, chosen = onnxruntime_levels(path, images.numpy(), written, exact=exact)
     return QcdqExportResult(format="QCDQ", file=path.name, bytes=path.stat().st_size, batch_size=batch,
                             golden=golden, onnxruntime_levels=levels, onnxruntime_level=chosen)
 
@@ -138,9 +150,10 @@ def build(c: Compilation) -> BuildResult:
             parts.append(run_outputs("tvm", built.library, images.numpy(), spec.batch_size,
                                      resolve_threads(spec.threads)))
         out = np.concatenate(parts)
-        reference = run_onnxruntime(c.work / QCDQ_FILE, _golden_images(c).numpy())
+        golden_images = _golden_images(c)
+        reference = run_onnxruntime(c.work / QCDQ_FILE, golden_images.numpy())
         result.golden = check("tvm build", "build (TVM library in a fresh process vs QCDQ in onnxruntime)",
-                              reference, out[:len(reference)])
+                              reference, out[:len(reference)], exact=_exact_logits(c, golden_images))
         result.deployed_top1 = float((out.argmax(1) == test.labels[:n].numpy()).mean())
         result.deployed_images = n
     else:

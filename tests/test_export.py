@@ -195,3 +195,39 @@ def test_a_node_qonnx_cannot_execute_is_a_toolchain_error(images, tmp_path):
     with pytest.raises(ToolchainError, match="Resize") as err:  # onnxruntime 1.25.1 (constraints.txt)
         run_qonnx(path, images[:4].numpy())
     assert "\n" not in str(err.value) and "\x1b" not in str(err.value)
+
+
+class TwoBranchConcat(nn.Module):
+    """stem → (3×3 conv branch, 1×1 conv branch) → concat → 1×1 conv → max pool → linear: Brevitas gives both concat
+    inputs one shared quantizer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.mix = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(4))
+        self.fc = nn.Linear(16 * 49, 10)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.fc(torch.flatten(self.mix(torch.cat([self.a(y), self.b(y)], 1)), 1))
+
+
+def test_concat_quantizer_shared_by_both_branches_rounds_after_calibration(images, tmp_path):
+    # issue 16: the concat model failed the export golden check on every image. Cause: Brevitas' calibration_mode
+    # restored observer_only=True on the quantizer both concat inputs share, so Brevitas stopped rounding there.
+    torch.manual_seed(0)
+    qm = quantize_model(randomize_bn(TwoBranchConcat().eval()), QuantSpec())
+    shared = qm.get_submodule("a.2").act_quant.fused_activation_quant_proxy.tensor_quant
+    assert shared is qm.get_submodule("b.2").act_quant.fused_activation_quant_proxy.tensor_quant
+    calibrate(qm, images)
+    assert not shared.observer_only
+    ref = predict(qm, images)
+    with torch.no_grad():
+        branch = qm.get_submodule("a.2")(torch.randn(4, 8, 7, 7))
+    q = branch.value / branch.scale
+    assert torch.allclose(q, q.round(), atol=1e-4)  # the branch output is on its 4-bit grid
+    path = export_qonnx(qm, images[:1], tmp_path / "cat.onnx")
+    result = golden_check("export", ref.numpy(), run_qonnx(path, images.numpy()), atol=1e-4)
+    assert result.passed and result.max_abs_diff < 1e-4

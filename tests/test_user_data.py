@@ -37,8 +37,8 @@ def rgb(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("user")
     folder = fashion_folder(root / "clothes", 60, 12, size=32, rgb=True)
-    weights = train_weights(rgb_net, make_spec(str(folder)), root / "rgb5.safetensors", epochs=4,
-                            mean=(0.29,) * 3, std=(0.35,) * 3)
+    weights = train_weights(rgb_net, make_spec(str(folder), mean=(0.29,), std=(0.35,)), root / "rgb5.safetensors",
+                            epochs=4)
     return folder, weights
 
 
@@ -137,3 +137,25 @@ def test_digits_npz_compiles_for_fpga(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     s = json.loads(proc.stdout)["summary"]
     assert s["float_top1"] > 0.8 and s["finetuned_top1"] > 0.7
+
+
+def test_efficientnet_lite0_with_a_new_head_on_an_image_folder_for_cpu(rgb, tmp_path):
+    # the README's EfficientNet-Lite0 scenario, smaller: ImageNet backbone, a 5-class head trained on its features,
+    # 32×32 images resized to 64×64 by the data pipeline, the user profile effnet-cpu.toml, no fine-tuning
+    from pfq_edge.datasets import make_spec
+    from user_models import effnet_lite0
+
+    folder, _ = rgb
+    spec = tmp_path / "effnet.toml"
+    spec.write_text(f'[data]\nsource = "{folder}"\nimage_size = [64, 64]\nmean = [0.485, 0.456, 0.406]\n'
+                    f'std = [0.229, 0.224, 0.225]\n')
+    weights = train_weights(effnet_lite0, make_spec(str(spec)), tmp_path / "effnet.safetensors", epochs=30, head="_fc")
+    out = tmp_path / "effnet"
+    proc = run("compile", "--target", "effnet-cpu.toml", "--model", "user_models:effnet_lite0", "--weights", weights,
+               "--data", spec, "--epochs", "0", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    acc, stages = report["stages"]["accuracy"], report["stages"]
+    assert stages["load"]["dataset"]["input_shape"] == [3, 64, 64] and stages["prune"]["filters_removed"] == 130
+    assert acc["float"] > 0.5 and acc["quantized_ptq"] >= acc["float"] - 0.05  # per-channel W8A8 keeps it
+    assert stages["export"]["golden"]["passed"] and abs(acc["deployed"] - acc["quantized_ptq"]) <= 0.05

@@ -364,6 +364,19 @@ def analyze_cmd(
     _print_analysis(model, analysis, plot)
 
 
+def _removal_kind(plan) -> str:
+    """One line: is the pruned model the same function (exact), or an approximation to check with data?"""
+    neutral = sum(len(n.channels) for n in plan.neutralized)
+    kept = f"; {neutral} neutralized (weights zeroed, output β kept)" if neutral else ""
+    if all(g.exact for g in plan.groups):
+        return f"removal: exact — the pruned model computes the same function{kept}"
+    where = sorted({w for g in plan.groups for w in g.inexact})
+    padding = f"constants meet zero padding in {', '.join(where[:3])}" if where else ""
+    why = ("σ² ≤ ε filters replaced by their mean β" + (f"; {padding}" if padding else "")
+           if plan.rule == "bn-epsilon" else padding or "see the JSON's groups")
+    return f"removal: APPROXIMATE — {why}{kept}; check it on your images (prune --check N)"
+
+
 def _print_analysis(model: str, a, plot: Optional[Path]) -> None:
     from rich.table import Table
 
@@ -382,6 +395,7 @@ def _print_analysis(model: str, a, plot: Optional[Path]) -> None:
     console.print(f"constant filters ({rule}): {a.constant_total}; removed {a.constant_removed}; "
                   f"left {a.constant_total - a.constant_removed}. Filters removed in all layers: "
                   f"{a.plan.filters_removed}.")
+    console.print(_removal_kind(a.plan))
     for left in a.constant_left:
         console.print(f"  left in {left['layer']}: {left['filters']} — {left['reason']}")
     for w in a.plan.warnings:
@@ -436,7 +450,7 @@ def prune_cmd(
               "constant_total": analysis.constant_total, "constant_left": analysis.constant_left,
               "exact": all(g.exact for g in analysis.plan.groups)}
     if check:
-        result["check"] = _compare_on_images(loaded, pruned, check, dataset, result["exact"])
+        result["check"] = _compare_on_images(loaded, pruned, check, dataset, rule)
     try:
         save_pruned(pruned, analysis.plan, model, out, source_weights=loaded.weights,
                     model_args=_model_args(model_arg))
@@ -447,6 +461,7 @@ def prune_cmd(
         return
     typer.echo(f"constant filters: {analysis.constant_total} found, {analysis.constant_removed} removed; filters "
                f"removed in all layers: {result['filters_removed']}; wrote {out}")
+    typer.echo(_removal_kind(analysis.plan))
     if check:
         c = result["check"]
         typer.echo(f"on {c['images']} real images: max |Δlogit| {c['max_abs_diff']:.3g}, top-1 agreement "
@@ -496,17 +511,20 @@ def _check_data(loaded, spec, name: str):
     return dataset
 
 
-def _compare_on_images(loaded, pruned, n: int, dataset, exact: bool) -> dict:
-    """The compile's prune golden check on the first ``n`` test images of ``dataset``; raises GoldenCheckError."""
+def _compare_on_images(loaded, pruned, n: int, dataset, rule: str) -> dict:
+    """The compile's prune golden check of ``rule`` on the first ``n`` test images of ``dataset`` (rule bn-epsilon:
+    the profile default's pfq.min_agreement); raises GoldenCheckError."""
     from pfq_edge.datasets.normalize import normalize
     from pfq_edge.steps import prune_golden_check
+    from pfq_edge.targets.profile import PfqSpec
     from pfq_edge.train import predict
 
     images = dataset.test.take(n).images
     if dataset.normalization is not None:
         images = normalize(images, *dataset.normalization)
     ref, out = predict(loaded.module, images, batch_size=50), predict(pruned, images, batch_size=50)
-    return prune_golden_check("prune --check (pruned vs original)", ref.numpy(), out.numpy(), exact).as_dict()
+    return prune_golden_check("prune --check (pruned vs original)", ref.numpy(), out.numpy(), rule,
+                              PfqSpec().min_agreement).as_dict()
 
 
 @app.command("targets")

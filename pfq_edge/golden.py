@@ -37,12 +37,10 @@ class Tolerance:
 
 # Every golden check of a compile, by name; each step declares the names it runs (pfq_edge/steps.py, backends).
 TOLERANCES = {
-    # PfQ removal that no constant meets zero padding in: identical up to float rounding (~1e-6)
+    # PfQ rule exact (constants that meet zero padding are neutralized, not removed): identical up to float rounding
     "prune exact": Tolerance(atol=1e-4, min_agreement=1.0),
-    # removal that is exact in the interior only (zero-padded borders differ)
-    "prune approximate": Tolerance(atol=None, min_agreement=0.99),
-    # rule bn-epsilon: pruned vs original float on the calibration images; min_agreement is the profile's
-    # pfq.min_agreement (passed by the step)
+    # rule bn-epsilon: pruned vs original float (compile: the calibration images; prune --check: the test images it is
+    # given); min_agreement is the profile's pfq.min_agreement (passed by the step)
     "bn-epsilon guard": Tolerance(atol=None, min_agreement=0.98),
     # Brevitas vs the exported graph (qonnx or onnxruntime, optimizations off): |Δlogit| ~1e-6 unless an activation
     # lands one step over a rounding boundary (seen: 23/256 images = 9% after full QAT)

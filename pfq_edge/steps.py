@@ -232,12 +232,16 @@ class PruneResult(StepResult):
         return {} if self.pfq_top1 is None else {"pfq_float": self.pfq_top1}
 
 
-def prune_golden_check(stage: str, reference, candidate, exact: bool) -> GoldenResult:
-    """Pruned vs original float logits: every image within 1e-4 when the removal is exact, else ≥ 99% top-1
-    agreement (the zero-padded borders differ). Raises GoldenCheckError; used by compile and `prune --check`."""
+def prune_golden_check(stage: str, reference, candidate, rule: str, min_agreement: float | None = None) -> GoldenResult:
+    """Pruned vs original float logits, judged alike by compile and ``prune --check``: rule "exact" — every image
+    within 1e-4 (the removal keeps the function: constants that meet zero padding are neutralized, not removed);
+    rule "bn-epsilon" — top-1 agreement ≥ ``min_agreement`` (the profile's pfq.min_agreement; default the
+    table's). Raises GoldenCheckError."""
     from pfq_edge.golden import check
 
-    return check("prune exact" if exact else "prune approximate", stage, reference, candidate)
+    if rule == "exact":
+        return check("prune exact", stage, reference, candidate)
+    return check("bn-epsilon guard", stage, reference, candidate, min_agreement=min_agreement)
 
 
 def prune(c: Compilation) -> PruneResult:
@@ -256,14 +260,14 @@ def prune(c: Compilation) -> PruneResult:
                          constant_total=analysis.constant_total, exact=exact, analysis=analysis.as_dict())
     if pfq.rule == "bn-epsilon":
         calib = c.data.train.take(CALIBRATION_IMAGES).images
-        result.guard = check("bn-epsilon guard", f"PfQ rule bn-epsilon data guard (pruned vs original float on "
-                             f"{len(calib)} calibration images)", predict(c.float_model, calib).numpy(),
-                             predict(c.pruned_model, calib).numpy(), min_agreement=pfq.min_agreement)
+        result.guard = prune_golden_check(f"PfQ rule bn-epsilon data guard (pruned vs original float on {len(calib)} "
+                                          f"calibration images)", predict(c.float_model, calib).numpy(),
+                                          predict(c.pruned_model, calib).numpy(), "bn-epsilon", pfq.min_agreement)
     pruned_logits = predict(c.pruned_model, test)
     if pfq.rule == "exact":
         ref = c.float_logits if c.float_logits is not None else predict(c.float_model, test)
         result.golden = prune_golden_check("prune (PfQ float vs original float)", ref.numpy(), pruned_logits.numpy(),
-                                           exact)
+                                           "exact")
     result.pfq_top1 = top1(pruned_logits, test)
     return result
 
@@ -434,7 +438,7 @@ def _save_finetuned(c: Compilation, state: Path) -> None:
 FRONT_END = [
     Step("load", load, reads=("finetune.validation_images",), restore=_restore_load),
     Step("prune", prune, requires=("load",), reads=("pfq", "quant.weight_bit_width"),
-         golden=("prune exact", "prune approximate", "bn-epsilon guard"), restore=_restore_prune),
+         golden=("prune exact", "bn-epsilon guard"), restore=_restore_prune),
     Step("quantize", quantize, requires=("prune",), reads=("quant",), restore=_restore_quantize,
          save=_save_qmodel(QUANTIZED_STATE), saves=(QUANTIZED_STATE,)),
     Step("finetune", finetune, requires=("quantize",), reads=("finetune",), restore=_restore_finetune,

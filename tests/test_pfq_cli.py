@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from conftest import plant_constant
@@ -39,11 +40,17 @@ def test_analyze_json_and_plot(planted_weights, tmp_path):
                "--plot", str(plot), "--json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert doc["bits"] == 3 and doc["constant_total"] == 6 and doc["constant_removed"] == 6
+    # layer 12's four (ReLU(β < 0) = 0) go; layer 18's two (β > 0) reach the zero-padded depthwise conv 21:
+    # neutralized, so that the borders keep their values
+    assert doc["bits"] == 3 and doc["constant_total"] == 6 and doc["constant_removed"] == 4
     rows = {r["layer"]: r for r in doc["layers"]}
     assert rows["12"]["constant_filters"] == 4 and rows["12"]["channels_after"] == 124
     assert rows["15"]["channels_after"] == 124  # the depthwise conv behind them
-    assert rows["18"]["channels_after"] == 126
+    assert rows["18"]["channels_after"] == 128 and rows["18"]["neutralized_filters"] == 2
+    left = {x["layer"]: x for x in doc["constant_left"]}
+    assert left["18"]["filters"] == 2 and "zero padding in the zero-padded depthwise conv '21'" in left["18"]["reason"]
+    text = run("analyze", "pfq_edge.zoo:fashion_dscnn", "--weights", str(planted_weights))
+    assert "removal: exact" in text.stdout and "2 neutralized" in text.stdout
     r = rows["12"]
     assert r["step_before"] == pytest.approx(r["folded_max_abs_before"] / 3)  # 3-bit symmetric: 2^2 - 1 levels
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -55,8 +62,9 @@ def test_prune_writes_a_model_that_reloads_exactly(planted_weights, tmp_path, im
                "--check", "300", "--json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert doc["filters_removed"] == 12 and doc["constant_total"] == 6
-    assert doc["check"]["images"] == 300 and doc["check"]["argmax_agreement"] >= 0.99
+    assert doc["filters_removed"] == 8 and doc["constant_total"] == 6 and doc["exact"]
+    assert doc["check"]["images"] == 300 and doc["check"]["argmax_agreement"] == 1.0
+    assert doc["check"]["max_abs_diff"] <= 1e-4  # judged as compile judges rule exact
     from pfq_edge.errors import ModelError
 
     with pytest.raises(ModelError, match="name it yourself"):  # a data file alone never imports user code
@@ -66,10 +74,11 @@ def test_prune_writes_a_model_that_reloads_exactly(planted_weights, tmp_path, im
     pruned, _ = analyze_pfq(original, images[:1])
     with torch.no_grad():
         assert torch.equal(reloaded(images), pruned(images))
-    assert reloaded[12].out_channels == 124 and reloaded[18].out_channels == 126
-    # the reloaded model is analysed like any other (nothing constant left)
+    assert reloaded[12].out_channels == 124 and reloaded[18].out_channels == 128
+    # the reloaded model is analysed like any other: only the two neutralized filters are still constant
     proc = run("analyze", "pfq_edge.zoo:fashion_dscnn", "--weights", str(out), "--json")
-    assert proc.returncode == 0 and json.loads(proc.stdout)["constant_total"] == 0
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 0 and doc["constant_total"] == 2 and doc["filters_removed"] == 0
 
 
 def test_prune_refuses_bad_output_name(tmp_path):
@@ -95,8 +104,9 @@ def test_save_pruned_records_spec_and_structure(tmp_path, images):
     assert meta["model"] == "fashion-dscnn" and json.loads(meta["structure"])["out"] == {}
 
 
-def test_prune_check_failing_agreement_fails_and_writes_nothing(tmp_path):
-    """A positive constant into a 3×3 padded conv of an untrained net: borders flip predictions; --check refuses."""
+def test_prune_check_keeps_borders_exact_and_refuses_a_bad_approximation(tmp_path):
+    """A positive constant into a 3×3 padded conv: rule exact neutralizes it (the function kept, check passes). Rule
+    bn-epsilon on σ² ≤ ε filters that carry signal replaces them by β; --check refuses that, as compile would."""
     (tmp_path / "borderly.py").write_text(
         "import torch\nfrom torch import nn\n"
         "def make():\n"
@@ -107,11 +117,24 @@ def test_prune_check_failing_agreement_fails_and_writes_nothing(tmp_path):
         "        m[0].weight[0] = 0\n"
         "        m[1].running_mean[0], m[1].running_var[0], m[1].bias[0] = 0.0, 0.0, 50.0\n"
         "    return m\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
     out = tmp_path / "p.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "pfq_edge", "prune", "borderly:make", "-o", str(out), "--check",
-                           "300"], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
-    assert proc.returncode == 6 and proc.stderr.startswith("pfq-edge: error: golden check")
+
+    def prune(*args):
+        return subprocess.run([sys.executable, "-m", "pfq_edge", "prune", *args, "-o", str(out), "--check", "300"],
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    proc = prune("borderly:make")
+    assert proc.returncode == 0, proc.stderr
+    assert "removal: exact" in proc.stdout and "1 neutralized" in proc.stdout and "top-1 agreement 100.00%" in proc.stdout
+    out.unlink()
+    model = load_model("fashion-dscnn").module
+    with torch.no_grad():
+        model[13].running_var[:3] = 1e-6  # σ² ≤ ε, yet informative: the BN amplifies them
+    weights = tmp_path / "informative.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    proc = prune("pfq_edge.zoo:fashion_dscnn", "--weights", str(weights), "--rule", "bn-epsilon")
+    assert proc.returncode == 6 and proc.stderr.startswith("pfq-edge: error: golden check") and "98%" in proc.stderr
     assert not out.exists()
 
 

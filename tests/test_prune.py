@@ -13,9 +13,9 @@ from pfq_edge.pfq.apply import apply_plan
 from pfq_edge.pfq.plan import plan_pfq
 
 
-def _prune(model, x):
+def _prune(model, x, **kw):
     pruned = copy.deepcopy(model)
-    plan = plan_pfq(trace(pruned, x[:1]))
+    plan = plan_pfq(trace(pruned, x[:1]), **kw)
     apply_plan(pruned, plan)
     return pruned, plan
 
@@ -55,7 +55,12 @@ def test_positive_constant_is_compensated_exactly_in_the_interior(images):
                           nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)).eval()
     randomize_bn(model)
     plant_constant(model[0], model[1], [0, 3, 4], [0.5, 1.2, 0.8])
-    pruned, plan = _prune(model, images)
+    kept, plan = _prune(model, images)  # default: neutralized, the function kept exactly
+    assert plan.filters_removed == 0 and plan.neutralized[0].channels == [0, 3, 4]
+    assert "zero padding in the zero-padded conv '3'" in plan.neutralized[0].reason
+    with torch.no_grad():
+        assert torch.allclose(kept(images), model(images), atol=1e-5)
+    pruned, plan = _prune(model, images, padded="remove")
     assert plan.filters_removed == 3 and not plan.groups[0].exact
     assert plan.groups[0].compensations[0].target == "bn_mean"  # bias-free consumer followed by BN
     with torch.no_grad():
@@ -125,7 +130,11 @@ def test_inverted_residual_block(images):
     torch.manual_seed(0)
     model = randomize_bn(InvertedResidual().eval())
     plant_constant(model.expand, model.bn1, [2, 5, 11], [0.5, 7.0, 1.0])  # β > 0 (ReLU6 clips 7 to 6)
-    pruned, plan = _prune(model, images)
+    kept, plan = _prune(model, images)  # default: neutralized (the padded depthwise conv reads the constant)
+    assert plan.filters_removed == 0 and plan.neutralized[0].channels == [2, 5, 11]
+    with torch.no_grad():
+        assert torch.allclose(kept(images), model(images), atol=1e-5)
+    pruned, plan = _prune(model, images, padded="remove")  # shared/cases 1: the removal, borders reported
     assert plan.filters_removed == 6  # 3 expand + 3 depthwise
     assert (pruned.expand.out_channels, pruned.bn1.num_features) == (21, 21)
     assert pruned.dw.in_channels == pruned.dw.out_channels == pruned.dw.groups == 21 and pruned.bn2.num_features == 21

@@ -3,8 +3,10 @@
 Method from arXiv:2011.06751 as read in shared/design.md §3–4: filter c with constant post-activation output a_c is
 deleted (conv output channel, BN channel); every dense consumer gets b_o += a_c·Σ_{kh,kw} K[o,c,kh,kw] (or, if it is
 bias-free and followed by BN, that BN's running_mean −= the same amount); a depthwise consumer's channel c becomes
-constant too, is removed, and its constant is carried on. Exact where a_c = 0 or no zero padding touches the
-constant; otherwise exact in the interior only (the pipeline measures the border effect on real inputs).
+constant too, is removed, and its constant is carried on. That is exact where a_c = 0 or no zero padding touches the
+constant. Where a non-zero constant meets zero padding (a padded conv, depthwise conv or average pool reads it: at
+the borders it sees 0, not a_c, so its output is not constant there), rule "exact" neutralizes the filter instead
+(below) and the function is kept exactly; rule "bn-epsilon" removes it anyway (approximate, guarded by data).
 
 Channels are followed through conv → BN → activation chains, depthwise convs, pooling (modules or functions),
 spatial means, flatten / ``view(N, -1)``, concat (every copy), dense convs and linear layers. A constant filter
@@ -60,6 +62,7 @@ class PruneGroup:
     removals: list[Removal]
     compensations: list[Compensation]
     exact: bool                          # True: no non-zero constant meets zero padding (identical output)
+    inexact: list[str] = field(default_factory=list)  # where a constant meets zero padding (rule bn-epsilon only)
 
 
 @dataclass
@@ -164,7 +167,11 @@ class _Walker:
         self.gm, self.shared = gm, shared
         self.removals: list[Removal] = []
         self.compensations: list[Compensation] = []
-        self.exact = True
+        self.inexact: list[str] = []  # where a non-zero constant meets zero padding (the output would change there)
+
+    @property
+    def exact(self) -> bool:
+        return not self.inexact
 
     def _check_shared(self, *names: str | None) -> None:
         for name in names:
@@ -192,7 +199,7 @@ class _Walker:
                 self._dense(user, node, mod, index, values)
             elif is_passthrough(self.gm, user):
                 if _pads_average(mod, user) and any(v != 0 for v in values.values()):
-                    self.exact = False
+                    self.inexact.append(f"the zero-padded average pool {_name(user)!r}")
                 self.walk(user, index, values)
             elif is_spatial_mean(user):
                 self.walk(user, index, values)
@@ -213,7 +220,7 @@ class _Walker:
         inputs = [i for c in index for i in index[c]]
         vals = [values[c] for c in index for _ in index[c]]
         if any(v != 0 for v in vals) and isinstance(mod, nn.Conv2d) and _padded(mod):
-            self.exact = False
+            self.inexact.append(f"the zero-padded conv {node.target!r}")
         if mod.bias is not None:
             target, bn = "bias", None
         else:
@@ -230,7 +237,8 @@ class _Walker:
         if len(channels) != len(index):
             raise _Unsupported(f"depthwise conv {node.target!r} after a flatten")
         if any(v != 0 for v in values.values()) and _padded(mod):
-            self.exact = False
+            # at the borders the depthwise output is not constant: it cannot be removed and carried on
+            self.inexact.append(f"the zero-padded depthwise conv {node.target!r}")
         new_values = {}
         for c, (ch,) in index.items():
             v = values[c] * float(mod.weight[ch].detach().sum())
@@ -242,6 +250,10 @@ class _Walker:
             new_values[c] = _apply(chain.act_fn, v) if chain.act_fn is not None else v
         self.removals.append(Removal(chain.conv, chain.bn, channels, depthwise=True))
         self.walk(chain.out, index, new_values)
+
+
+def _name(node: fx.Node) -> str:
+    return node.target if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
 
 
 def _is_shape_query(node: fx.Node) -> bool:
@@ -277,25 +289,33 @@ def _bn_value(bn: nn.BatchNorm2d, c: int, x: float) -> float:
     return gamma * (x - float(bn.running_mean[c])) / float(bn.running_var[c] + bn.eps) ** 0.5 + beta
 
 
-def plan_pfq(gm: fx.GraphModule, tol: float = DEFAULT_TOL, rule: str = "exact") -> PrunePlan:
+PADDED = ("neutralize", "remove")  # what rule "exact" does with a constant that meets zero padding
+
+
+def plan_pfq(gm: fx.GraphModule, tol: float = DEFAULT_TOL, rule: str = "exact",
+             padded: str = "neutralize") -> PrunePlan:
     """Find the constant filters of every conv → BN chain in ``gm`` (traced by ``graph.trace``) and plan removal.
 
     Returns a PrunePlan; modifies nothing. rule "exact" is design.md §2's (post-BN std ≤ ``tol``); "bn-epsilon"
-    also takes σ² ≤ ε filters, replaced by their mean β — every group is then marked not exact.
+    also takes σ² ≤ ε filters, replaced by their mean β — every group is then marked not exact. ``padded``: under
+    rule "exact", a filter whose non-zero constant meets zero padding is "neutralize"d (the function kept exactly)
+    or "remove"d (exact in the interior only; the group is marked not exact and the borders differ).
     Channels already removed through an earlier chain (a depthwise conv behind a constant filter) are not
     counted twice.
     """
     if rule not in RULES:
         raise ValueError(f"unknown PfQ rule {rule!r}; known: {', '.join(RULES)}")
+    if padded not in PADDED:
+        raise ValueError(f"unknown padded policy {padded!r}; known: {', '.join(PADDED)}")
     with torch.no_grad():
-        plan = _plan(gm, tol, rule)
+        plan = _plan(gm, tol, rule, padded)
     if rule != "exact":
         for g in plan.groups:
             g.exact = False
     return plan
 
 
-def _plan(gm: fx.GraphModule, tol: float, rule: str) -> PrunePlan:
+def _plan(gm: fx.GraphModule, tol: float, rule: str, padded: str) -> PrunePlan:
     plan = PrunePlan(tol=tol, rule=rule)
     shared = {name for name, n in call_counts(gm).items() if n > 1}
     removed: dict[str, set[int]] = {}  # channels already deleted through an earlier group
@@ -315,6 +335,10 @@ def _plan(gm: fx.GraphModule, tol: float, rule: str) -> PrunePlan:
             continue
         try:
             group = _plan_group(gm, chain, bn, channels, shared)
+            if rule == "exact" and padded == "neutralize" and not group.exact:
+                group = _keep_exact(gm, chain, bn, group, shared, plan)
+                if group is None:
+                    continue
         except _Shared as exc:
             plan.skipped.append(Skipped(chain.conv, len(channels), f"left unchanged: {exc}"))
             continue
@@ -336,6 +360,22 @@ def _plan(gm: fx.GraphModule, tol: float, rule: str) -> PrunePlan:
     return plan
 
 
+def _keep_exact(gm, chain: Chain, bn: nn.BatchNorm2d, group: PruneGroup, shared: set[str],
+                plan: PrunePlan) -> PruneGroup | None:
+    """Rule "exact" keeps the function: the filters of ``group`` whose constant meets zero padding (there the
+    consumer sees 0, not the constant, so removal would change the borders) are neutralized instead — output β kept
+    exactly, folded range no longer set by them; the others are planned again as a group. Returns it, or None if no
+    filter is left to remove."""
+    per_filter = {c: _plan_group(gm, chain, bn, [c], shared) for c in group.channels}
+    padded = [c for c, g in per_filter.items() if not g.exact]
+    where = per_filter[padded[0]].inexact[0]
+    plan.neutralized.append(Neutralized(chain.conv, chain.bn, padded,
+                                        f"exact: its constant meets zero padding in {where}; removing it would change "
+                                        f"the output at the borders"))
+    rest = [c for c in group.channels if c not in padded]
+    return _plan_group(gm, chain, bn, rest, shared) if rest else None
+
+
 def _plan_group(gm, chain: Chain, bn: nn.BatchNorm2d, channels: list[int], shared: set[str]) -> PruneGroup:
     walker = _Walker(gm, shared)
     walker._check_shared(chain.conv, chain.bn)
@@ -352,7 +392,7 @@ def _plan_group(gm, chain: Chain, bn: nn.BatchNorm2d, channels: list[int], share
     walker.removals.append(Removal(chain.conv, chain.bn, channels, depthwise=is_depthwise(conv)))
     walker.walk(chain.out, {c: [c] for c in channels}, values)
     return PruneGroup(chain.conv, channels, [values[c] for c in channels], walker.removals, walker.compensations,
-                      walker.exact)
+                      walker.exact, list(dict.fromkeys(walker.inexact)))
 
 
 def _unused_upstream(gm, chain: Chain, channels: list[int], shared: set[str]) -> Removal:

@@ -46,14 +46,15 @@ def write_finn_reports(report_dir: Path, build_log: Path, folder: Path) -> tuple
 
 
 def write_finn_build_config(qonnx_path: Path, fpga, input_bits: int, folding: dict, folder: Path,
-                            clip_thresholds: bool = False) -> list[Path]:
+                            clip_thresholds: bool = False, branchy: bool = False) -> list[Path]:
     """A FINN build to continue where Vivado exists: ``folder``/model.onnx (the QONNX model with its integer pixel
     input), folding_config.json (the folding this estimate chose, so the bitfile matches it) and
     dataflow_build_config.json (FINN's own DataflowBuildConfig: board, part, clock, every output up to the PYNQ
     deployment package; paths relative to the folder). Run ``finn build dataflow_build_config.json model.onnx`` in
     it. Returns the three paths. Needs FINN imported for its config class (inside ``finn_session``).
-    ``clip_thresholds``: the build lists FINN's default steps plus finn_steps.py's (copied into the folder; run
-    with ``PYTHONPATH=.``)."""
+    ``clip_thresholds`` / ``branchy``: the build lists FINN's default steps with finn_steps.py's threshold clipping
+    after ``step_streamline`` / its branchy streamlining in place of it (finn_steps.py copied into the folder; run
+    with ``PYTHONPATH=.``), as the estimate ran."""
     from finn.builder.build_dataflow_config import (DataflowBuildConfig, DataflowOutputType, ShellFlowType,
                                                     default_build_dataflow_steps)
 
@@ -67,9 +68,12 @@ def write_finn_build_config(qonnx_path: Path, fpga, input_bits: int, folding: di
                               generate_outputs=[DataflowOutputType(x) for x in FINN_BUILD_OUTPUTS])
     doc = json.loads(cfg.to_json())
     files = [model, folder / "folding_config.json", folder / "dataflow_build_config.json"]
-    if clip_thresholds:
+    if clip_thresholds or branchy:
         steps = list(default_build_dataflow_steps)
-        steps.insert(steps.index("step_streamline") + 1, "finn_steps.step_pfq_clip_thresholds")
+        if clip_thresholds:
+            steps.insert(steps.index("step_streamline") + 1, "finn_steps.step_pfq_clip_thresholds")
+        if branchy:
+            steps[steps.index("step_streamline")] = "finn_steps.step_pfq_streamline_branchy"
         doc["steps"] = steps
         shutil.copy(Path(__file__).parent / "device" / "finn_steps.py", folder / "finn_steps.py")
         files.append(folder / "finn_steps.py")

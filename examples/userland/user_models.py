@@ -53,3 +53,26 @@ def effnet_lite0(num_classes: int = 5):
     net._fc = nn.Linear(net._fc.in_features, num_classes)
     _plain_convs(net)
     return net
+
+
+class ConcatNet(nn.Module):
+    """(N, 1, 28, 28) → (N, num_classes): a stem, two branches (3×3 and 1×1 conv-BN-ReLU) concatenated along the
+    channels, a 1×1 conv mixing them, max pool, linear head — the shape of Inception-style and many custom CNNs."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(w, w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.mix = nn.Sequential(nn.Conv2d(2 * w, 2 * w, 1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
+                                 nn.MaxPool2d(4))
+        self.head = nn.Linear(2 * w * 49, num_classes)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(torch.flatten(self.mix(torch.cat([self.a(y), self.b(y)], 1)), 1))
+
+
+def concat_net(num_classes: int = 10):
+    return ConcatNet(num_classes)

@@ -13,3 +13,23 @@ def step_pfq_clip_thresholds(model, cfg):
     from qonnx.transformation.infer_datatypes import InferDataTypes
 
     return model.transform(RoundAndClipThresholds()).transform(InferDataTypes())
+
+
+def step_pfq_streamline_branchy(model, cfg):
+    """FINN's streamlining for graphs with forks and joins (a residual add, a concat, a tensor read twice) and global
+    average pooling, in place of ``step_streamline``: finn-plus' own ResNet step (MoveMulPastAdd, StreamlinePlus,
+    conv lowering, thresholds absorbing the adds and transposes), then the global average pool as FINN's
+    GlobalAccPool with its 1/(H·W) absorbed into the next thresholds, and the transposes the forks leave paired."""
+    from finn.builder.custom_step_library.resnet import step_resnet_streamline
+    from finn.transformation.fpgadataflow.convert_to_hw.global_acc_pool import InferGlobalAccPoolLayer
+    from finn.transformation.streamline.absorb import AbsorbConsecutiveTransposes, AbsorbMulIntoMultiThreshold
+    from finn.transformation.streamline.streamline_plus import StreamlinePlus
+    from qonnx.transformation.general import RemoveUnusedTensors
+    from qonnx.transformation.infer_data_layouts import InferDataLayouts
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+
+    model = step_resnet_streamline(model, cfg)
+    if model.get_nodes_by_op_type("GlobalAveragePool"):
+        model = model.transform(InferGlobalAccPoolLayer()).transform(InferDataTypes())
+        model = model.transform(AbsorbMulIntoMultiThreshold()).transform(StreamlinePlus())
+    return model.transform(AbsorbConsecutiveTransposes()).transform(InferDataLayouts()).transform(RemoveUnusedTensors())

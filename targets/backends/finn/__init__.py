@@ -71,19 +71,19 @@ def estimate(c: Compilation) -> EstimateResult:
     import shutil
 
     from pfq_edge.export.finn_build import write_finn_build_config, write_finn_reports
-    from pfq_edge.targets.backends.finn.driver import finn_estimate, finn_session
+    from pfq_edge.targets.backends.finn.driver import finn_estimate, finn_session, is_branchy
     from pfq_edge.targets.backends.finn.fit import fpga_verdicts
 
     fpga, bits = c.profile.fpga, pixel_bits(c)
     build, qonnx = c.work / ".finn_build", c.work / QONNX_FILE
-    clip = c.spec.normalization is not None
-    result = finn_estimate(qonnx, fpga, bits, build, clip_thresholds=clip)
+    clip, branchy = c.spec.normalization is not None, is_branchy(qonnx)
+    result = finn_estimate(qonnx, fpga, bits, build, clip_thresholds=clip, branchy=branchy)
     verdicts = fpga_verdicts(result, c.profile)
     packaged, run_files = write_finn_reports(result.report_dir, build / "finn" / "build.log", c.work / "finn_reports")
     shutil.rmtree(build)
     with finn_session(c.work / ".finn_config") as _:
         packaged += write_finn_build_config(qonnx, fpga, bits, result.folding, c.work / "finn_build",
-                                            clip_thresholds=clip)
+                                            clip_thresholds=clip, branchy=branchy)
     shutil.rmtree(c.work / ".finn_config")
     rel = [str(p.relative_to(c.work)) for p in packaged]
     return EstimateResult(estimate=result.as_dict(), verdicts=verdicts, files=rel,

@@ -89,12 +89,31 @@ def finn_session(build_dir: Path):
 _UNSET = object()
 
 
+def is_branchy(onnx_path: Path) -> bool:
+    """Does the graph fork or join (a tensor read by two nodes, an Add or Concat of two computed tensors) or pool
+    globally? Such graphs need ``step_pfq_streamline_branchy`` in place of FINN's ``step_streamline``."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    constants = {i.name for i in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+        if node.op_type in ("GlobalAveragePool", "ReduceMean"):
+            return True
+        if node.op_type in ("Add", "Concat") and sum(1 for i in node.input if i and i not in constants) > 1:
+            return True
+    return any(n > 1 for name, n in readers.items() if name not in constants)
+
+
 def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
-                  clip_thresholds: bool = False) -> FinnEstimate:
+                  clip_thresholds: bool = False, branchy: bool | None = None) -> FinnEstimate:
     """Run FINN's estimate-only dataflow build on ``qonnx_path`` for ``fpga`` (FpgaSpec: part, clock, target fps
     or folding file). Reports land in ``build_dir/finn/report``; FINN's log in ``build_dir/finn/build.log``.
     ``clip_thresholds``: add export/device/finn_steps.py's step after streamlining (models that normalise their
-    input; the default models' builds stay FINN's own step list).
+    input; the default models' builds stay FINN's own step list). ``branchy``: replace ``step_streamline`` with
+    ``step_pfq_streamline_branchy`` (None: when ``is_branchy`` says the graph forks, joins or pools globally).
 
     Raises ToolchainError with FINN's error if the build fails (e.g. a layer FINN cannot map).
     """
@@ -109,6 +128,10 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
 
         names = list(config.estimate_only_dataflow_steps)
         functions = [getattr(steps_lib, n) for n in names]
+        if branchy if branchy is not None else is_branchy(model_path):
+            from pfq_edge.export.device.finn_steps import step_pfq_streamline_branchy
+
+            functions[names.index("step_streamline")] = step_pfq_streamline_branchy
         if clip_thresholds:
             from pfq_edge.export.device.finn_steps import step_pfq_clip_thresholds
 

@@ -1,0 +1,63 @@
+"""Branchy networks as users bring them (issue 16): a concat of two branches with constant filters — one removed
+exactly through the concat, one neutralized because its constant meets zero padding — through PfQ, Brevitas, the
+export golden checks, FINN (DuplicateStreams, StreamingConcat) and TVM."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import plant_constant, randomize_bn
+
+USERLAND = Path(__file__).resolve().parents[1] / "examples" / "userland"
+ENV = {**os.environ, "PFQ_EDGE_QUIET": "1"}
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "pfq_edge", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, cwd=USERLAND, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def concat_weights(tmp_path_factory):
+    from user_models import concat_net
+
+    torch.manual_seed(0)
+    model = randomize_bn(concat_net().eval())
+    plant_constant(model.stem[0], model.stem[1], [3], [0.5])     # read by branch a's padded 3×3 conv: neutralized
+    plant_constant(model.a[0], model.a[1], [1, 2], [0.5, -0.3])  # through the concat into a 1×1 conv: removed
+    path = tmp_path_factory.mktemp("branchy") / "concat.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _check_pfq(report):
+    prune = report["stages"]["prune"]
+    assert prune["exact"] and prune["golden"]["passed"] and prune["golden"]["max_abs_diff"] <= 1e-4
+    assert prune["filters_removed"] == 2
+    neutralized = prune["neutralized"]
+    assert [n["conv"] for n in neutralized] == ["stem.0"] and "zero padding" in neutralized[0]["reason"]
+    assert report["stages"]["export"]["golden"]["passed"]
+
+
+@pytest.mark.parametrize("target", ["fpga", "cpu"])
+def test_concat_with_constant_filters_compiles(concat_weights, tmp_path, target):
+    out = tmp_path / target
+    proc = run("compile", "--target", target, "--model", "user_models:concat_net", "--weights", concat_weights,
+               "--epochs", "0", "--out", out)
+    assert proc.returncode in (0, 9), proc.stderr[-2000:]  # 9: a budget missed, output complete
+    report = json.loads((out / "report.json").read_text())
+    _check_pfq(report)
+    export = report["stages"]["export"]["golden"]
+    assert export["max_abs_diff"] < 1e-3 and export["argmax_agreement"] == 1.0  # no float64 arbiter needed
+    if target == "fpga":
+        kinds = {row["layer"].rsplit("_", 2)[0] for row in report["stages"]["estimate"]["layers"]}
+        assert {"DuplicateStreams", "StreamingConcat", "MVAU"} <= kinds
+        config = json.loads((out / "finn_build" / "dataflow_build_config.json").read_text())
+        assert "finn_steps.step_pfq_streamline_branchy" in config["steps"] and "step_streamline" not in config["steps"]
+        assert (out / "finn_build" / "finn_steps.py").is_file()

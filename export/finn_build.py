@@ -23,6 +23,8 @@ def write_finn_input_model(qonnx_path: Path, out_path: Path, input_bits: int) ->
     from qonnx.core.modelwrapper import ModelWrapper
 
     model = ModelWrapper(str(qonnx_path))
+    relu_before_quant(model)
+    unsigned_quant_after_relu(model)
     graph = model.graph
     old = graph.input[0]
     shape = [d.dim_value for d in old.type.tensor_type.shape.dim]
@@ -34,6 +36,62 @@ def write_finn_input_model(qonnx_path: Path, out_path: Path, input_bits: int) ->
     model.set_tensor_datatype(PIXEL_INPUT, DataType[f"UINT{input_bits}"])
     model.save(str(out_path))
     return out_path
+
+
+def relu_before_quant(model) -> int:
+    """In a qonnx ModelWrapper, turn each Quant (zero point 0) → Relu into Relu → Quant, where the Relu is the
+    Quant's only reader — the same function: the quantizer is monotone with q(0) = 0, so max(q(x), 0) = q(max(x, 0)).
+    Returns how many.
+
+    Why: a functional ``torch.relu`` after a residual add is quantized by Brevitas as add → Quant → Relu; FINN fuses
+    only Relu → Quant into thresholds, and its streamlining then moves the stranded scale Mul and a Transpose past
+    each other forever (MoveScalarLinearPastInvariants / MoveTransposePastEltwise)."""
+    changed = 0
+    for relu in list(model.graph.node):
+        if relu.op_type != "Relu":
+            continue
+        quant = model.find_producer(relu.input[0])
+        if (quant is None or quant.op_type != "Quant" or len(model.find_consumers(quant.output[0])) != 1
+                or model.get_initializer(quant.input[2]) is None or float(model.get_initializer(quant.input[2]).max())
+                != 0.0 or model.get_initializer(quant.input[2]).min() != 0.0):
+            continue
+        between = f"{relu.name}_before_{quant.name}"
+        relu.input[0], relu.output[0], quant.input[0], quant.output[0] = (
+            quant.input[0], between, between, relu.output[0])
+        changed += 1
+    if changed:
+        from qonnx.transformation.general import SortGraph
+
+        model.graph.CopyFrom(model.transform(SortGraph()).graph)
+    return changed
+
+
+def unsigned_quant_after_relu(model) -> int:
+    """In a qonnx ModelWrapper, make each signed, non-narrow b-bit Quant (b ≥ 3) whose input is a Relu's output an
+    unsigned (b−1)-bit Quant with the same scale and zero point — the same function: the Relu leaves only the
+    non-negative half of the signed range, [0, 2^(b−1) − 1], which is the unsigned (b−1)-bit range. Returns how many.
+
+    Why: Brevitas gives both inputs of an add (or concat) one shared signed quantizer, so a branch that comes out of a
+    ReLU meets Relu → signed Quant, which FINN's QONNX conversion refuses ("FINN only supports unsigned and
+    non-narrow Quant nodes for Relu activations"). The scale stays the one both branches share."""
+    import numpy as np
+
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Quant":
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        src = model.find_producer(node.input[0])
+        bits = model.get_initializer(node.input[3])
+        if (src is None or src.op_type != "Relu" or attrs["signed"].i != 1 or attrs["narrow"].i != 0
+                or bits is None or float(bits) < 3):
+            continue
+        name = f"{node.name}_unsigned_bit_width"
+        model.set_initializer(name, np.asarray(float(bits) - 1, dtype=np.float32))
+        node.input[3] = name
+        attrs["signed"].i = 0
+        changed += 1
+    return changed
 
 
 def write_finn_reports(report_dir: Path, build_log: Path, folder: Path) -> tuple[list[Path], list[Path]]:

@@ -22,7 +22,9 @@ def step_pfq_streamline_branchy(model, cfg):
     GlobalAccPool with its 1/(H·W) absorbed into the next thresholds, and the transposes the forks leave paired."""
     from finn.builder.custom_step_library.resnet import step_resnet_streamline
     from finn.transformation.fpgadataflow.convert_to_hw.global_acc_pool import InferGlobalAccPoolLayer
-    from finn.transformation.streamline.absorb import AbsorbConsecutiveTransposes, AbsorbMulIntoMultiThreshold
+    from finn.transformation.streamline.absorb import (AbsorbConsecutiveTransposes, AbsorbMulIntoMultiThreshold,
+                                                       AbsorbTransposeIntoFlatten, AbsorbTransposeIntoMultiThreshold)
+    from finn.transformation.streamline.reorder import MakeMaxPoolNHWC
     from finn.transformation.streamline.streamline_plus import StreamlinePlus
     from qonnx.transformation.general import RemoveUnusedTensors
     from qonnx.transformation.infer_data_layouts import InferDataLayouts
@@ -32,4 +34,8 @@ def step_pfq_streamline_branchy(model, cfg):
     if model.get_nodes_by_op_type("GlobalAveragePool"):
         model = model.transform(InferGlobalAccPoolLayer()).transform(InferDataTypes())
         model = model.transform(AbsorbMulIntoMultiThreshold()).transform(StreamlinePlus())
-    return model.transform(AbsorbConsecutiveTransposes()).transform(InferDataLayouts()).transform(RemoveUnusedTensors())
+    # as FINN's own step_streamline does for max pooling, then the transposes left before a flatten
+    for t in (MakeMaxPoolNHWC(), AbsorbTransposeIntoMultiThreshold(), MakeMaxPoolNHWC(),
+              AbsorbConsecutiveTransposes(), InferDataLayouts(), AbsorbTransposeIntoFlatten()):
+        model = model.transform(t)
+    return model.transform(InferDataLayouts()).transform(RemoveUnusedTensors())

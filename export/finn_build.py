@@ -24,6 +24,7 @@ def write_finn_input_model(qonnx_path: Path, out_path: Path, input_bits: int) ->
 
     model = ModelWrapper(str(qonnx_path))
     relu_before_quant(model)
+    quant_before_flatten(model)
     unsigned_quant_after_relu(model)
     graph = model.graph
     old = graph.input[0]
@@ -38,6 +39,26 @@ def write_finn_input_model(qonnx_path: Path, out_path: Path, input_bits: int) ->
     return out_path
 
 
+def _swap_into_order(model, first, second) -> None:
+    """``first`` (x → a) feeds only ``second`` (a → y): make it ``second`` (x → t) → ``first`` (t → y)."""
+    between = f"{second.name}_before_{first.name}"
+    second.input[0], second.output[0], first.input[0], first.output[0] = (
+        first.input[0], between, between, second.output[0])
+
+
+def _sorted(model, changed: int) -> int:
+    if changed:
+        from qonnx.transformation.general import SortGraph
+
+        model.graph.CopyFrom(model.transform(SortGraph()).graph)
+    return changed
+
+
+def _scalar_quant(model, node) -> bool:
+    return node is not None and node.op_type == "Quant" and all(
+        model.get_initializer(i) is not None and model.get_initializer(i).size == 1 for i in node.input[1:4])
+
+
 def relu_before_quant(model) -> int:
     """In a qonnx ModelWrapper, turn each Quant (zero point 0) → Relu into Relu → Quant, where the Relu is the
     Quant's only reader — the same function: the quantizer is monotone with q(0) = 0, so max(q(x), 0) = q(max(x, 0)).
@@ -48,22 +69,30 @@ def relu_before_quant(model) -> int:
     each other forever (MoveScalarLinearPastInvariants / MoveTransposePastEltwise)."""
     changed = 0
     for relu in list(model.graph.node):
-        if relu.op_type != "Relu":
+        quant = model.find_producer(relu.input[0]) if relu.op_type == "Relu" else None
+        zero = model.get_initializer(quant.input[2]) if quant is not None and quant.op_type == "Quant" else None
+        if zero is None or len(model.find_consumers(quant.output[0])) != 1 or float(abs(zero).max()) != 0.0:
             continue
-        quant = model.find_producer(relu.input[0])
-        if (quant is None or quant.op_type != "Quant" or len(model.find_consumers(quant.output[0])) != 1
-                or model.get_initializer(quant.input[2]) is None or float(model.get_initializer(quant.input[2]).max())
-                != 0.0 or model.get_initializer(quant.input[2]).min() != 0.0):
-            continue
-        between = f"{relu.name}_before_{quant.name}"
-        relu.input[0], relu.output[0], quant.input[0], quant.output[0] = (
-            quant.input[0], between, between, relu.output[0])
+        _swap_into_order(model, quant, relu)
         changed += 1
-    if changed:
-        from qonnx.transformation.general import SortGraph
+    return _sorted(model, changed)
 
-        model.graph.CopyFrom(model.transform(SortGraph()).graph)
-    return changed
+
+def quant_before_flatten(model) -> int:
+    """Turn each Flatten → per-tensor Quant into Quant → Flatten, where the Quant is the Flatten's only reader (an
+    element-wise map with scalar parameters commutes with a reshape). Returns how many.
+
+    Why: Brevitas requantizes a classifier's input after ``torch.flatten`` of a re-quantized tensor; FINN then meets
+    Transpose → Flatten → MultiThreshold → MatMul and cannot fold the NHWC→NCHW transpose into the MatMul's weights
+    (unmapped "Transpose_0, Flatten_0")."""
+    changed = 0
+    for flatten in list(model.graph.node):
+        readers = model.find_consumers(flatten.output[0]) if flatten.op_type == "Flatten" else None
+        if not readers or len(readers) != 1 or not _scalar_quant(model, readers[0]):
+            continue
+        _swap_into_order(model, flatten, readers[0])
+        changed += 1
+    return _sorted(model, changed)
 
 
 def unsigned_quant_after_relu(model) -> int:

@@ -63,7 +63,8 @@ def _passed_cell(g: dict) -> str:
 
 def golden_checks(stages: dict) -> list[dict]:
     """The golden checks recorded in a report.json document's stages, in step order."""
-    return [v[k] for v in stages.values() if isinstance(v, dict) for k in ("golden", "guard") if v.get(k)]
+    found = [v[k] for v in stages.values() if isinstance(v, dict) for k in ("golden", "guard") if v.get(k)]
+    return [g for item in found for g in (item if isinstance(item, list) else [item])]  # a step may run several
 
 
 ACCURACY_LABELS = {"float": "float model (as given)", "pfq_float": "after PfQ (float)",

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -64,12 +65,12 @@ def test_folding_file_instead_of_target_fps(estimate, tmp_path, images):
     assert again.max_cycles == est.max_cycles and again.critical_path_cycles == est.critical_path_cycles
 
 
-def test_a_model_finn_cannot_map_fails_with_finns_reason(tmp_path, images):
-    """A residual add after 4-bit ReLUs: FINN's QONNX conversion refuses it; the error carries FINN's words."""
+def test_residual_add_after_relus_maps_to_finn(tmp_path, images):
+    """A residual add after 4-bit ReLUs (once refused: "FINN only supports unsigned and non-narrow Quant nodes for
+    Relu"): the FINN input model's exact rewrites and the branchy streamlining map it to DuplicateStreams and an
+    element-wise add."""
     import torch
     from torch import nn
-
-    from pfq_edge.errors import ToolchainError
 
     class Residual(nn.Module):
         def __init__(self):
@@ -84,10 +85,30 @@ def test_a_model_finn_cannot_map_fails_with_finns_reason(tmp_path, images):
             return self.fc(torch.flatten(self.pool(y), 1))
 
     profile = load_profile("fpga")
+    torch.manual_seed(0)
     qm = quantize_model(randomize_bn(Residual().eval()), profile.quant)
     calibrate(qm, images)
     path = export_qonnx(qm, images[:1], tmp_path / "r.onnx")
-    with pytest.raises(ToolchainError, match="FINN estimate build failed: .*FINN only supports"):
+    est = finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / "build")
+    kinds = {row["layer"].rsplit("_", 2)[0] for row in est.layers}
+    assert {"DuplicateStreams", "ElementwiseAdd", "MVAU"} <= kinds and est.throughput_fps > 0
+
+
+def test_a_model_finn_cannot_map_fails_with_finns_reason(tmp_path, images):
+    """A float LeakyReLU (Brevitas has no quantizer for it): FINN cannot map it; the error names the node."""
+    import torch
+    from torch import nn
+
+    from pfq_edge.errors import ToolchainError
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.LeakyReLU(0.1),
+                          nn.MaxPool2d(28), nn.Flatten(), nn.Linear(8, 10)).eval()
+    profile = load_profile("fpga")
+    qm = quantize_model(randomize_bn(model), profile.quant)
+    calibrate(qm, images)
+    path = export_qonnx(qm, images[:1], tmp_path / "l.onnx")
+    with pytest.raises(ToolchainError, match="FINN estimate build failed: .*LeakyRelu"):
         finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / "build")
 
 
@@ -109,3 +130,47 @@ def test_finn_session_restores_what_it_changes(tmp_path, monkeypatch):
     assert finn_settings._SETTINGS is settings and vars(finn.xsi).get("SimEngine", "unset") == sim
     with pytest.raises(Exception, match="XILINX_VIVADO"):  # FINN's own probe again: no Vivado here
         build_dataflow.get_vivado_root()
+
+
+def test_finn_graphs_match_qonnx_and_a_tampered_step_is_named(estimate, tmp_path, images):
+    import shutil
+
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    from pfq_edge.errors import GoldenCheckError
+    from pfq_edge.runners.onnx import run_qonnx
+    from pfq_edge.targets.backends.finn.driver import finn_golden_checks, finn_session
+
+    profile, est = estimate
+    build = Path(est.report_dir).parents[1]  # <build>/finn/report
+    qonnx = build.parent / "m.onnx"
+    x = images[:16].numpy()
+    reference = run_qonnx(qonnx, x)
+    with finn_session(tmp_path / "s"):
+        results = finn_golden_checks(build, reference, x, profile.quant.input_bit_width)
+    assert [r.stage.split(" vs")[0] for r in results] == [
+        "FINN graph after step_qonnx_to_finn", "FINN graph after streamlining", "FINN graph after step_convert_to_hw"]
+    assert all(r.passed and r.max_abs_diff < 1e-4 for r in results)
+    # a fault in FINN's HW graph: one Thresholding layer's thresholds moved above every input (its output: 0)
+    tampered = tmp_path / "build"
+    shutil.copytree(build, tampered)
+    path = tampered / "finn" / "intermediate_models" / "step_convert_to_hw.onnx"
+    model = ModelWrapper(str(path))
+    node = next(n for n in model.graph.node if n.op_type.startswith("Thresholding"))
+    model.set_initializer(node.input[1], model.get_initializer(node.input[1]) + 1e4)
+    model.save(str(path))
+    with finn_session(tmp_path / "s"), pytest.raises(GoldenCheckError, match="after step_convert_to_hw"):
+        finn_golden_checks(tampered, reference, x, profile.quant.input_bit_width)
+
+
+def test_a_finn_build_that_does_not_finish_is_stopped_with_its_step_named(tmp_path, images, monkeypatch):
+    from pfq_edge.errors import ToolchainError
+    from pfq_edge.targets.backends.finn import driver
+
+    profile = load_profile("fpga")
+    qm = quantize_model(randomize_bn(tiny_dscnn()), profile.quant)
+    calibrate(qm, images)
+    path = export_qonnx(qm, images[:1], tmp_path / "m.onnx")
+    monkeypatch.setattr(driver, "FINN_TIME_LIMIT_S", 1)  # a transformation loop, as FINN's streamlining can spin
+    with pytest.raises(ToolchainError, match=r"stopped: step_\w+ did not finish within 1 s"):
+        finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / "build")

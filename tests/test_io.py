@@ -44,3 +44,17 @@ def test_force_never_replaces_foreign_folders_or_the_current_one(tmp_path, monke
     with pytest.raises(OutputError, match="is a file"):
         with staged_dir(tmp_path / "file", force=True):
             pass
+
+
+def test_progress_lines_keep_coming_while_one_long_step_runs(monkeypatch, capsys):
+    import time
+
+    from pfq_edge import progress
+
+    monkeypatch.delenv("PFQ_EDGE_QUIET", raising=False)
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.2)
+    with progress.progress_bar("long step", total=2) as advance:
+        time.sleep(0.7)  # no advance for several intervals
+        advance(1)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("long step: ")]
+    assert len(lines) >= 3 and lines[0].startswith("long step: 0/2")

@@ -52,9 +52,10 @@ class EstimateResult(StepResult):
     verdicts: dict                 # fit.fpga_verdicts()
     files: list = field(default_factory=list)      # packaged: finn_reports/*, finn_build/*
     run_files: list = field(default_factory=list)  # kept beside the package (wall times, FINN's log)
+    golden: list = field(default_factory=list)     # GoldenResult.as_dict() of FINN's graphs (finn_golden_checks)
 
     def report(self) -> dict:
-        return {**self.estimate, "report_dir": "finn_reports", "verdicts": self.verdicts}
+        return {**self.estimate, "report_dir": "finn_reports", "verdicts": self.verdicts, "golden": self.golden}
 
     @property
     def artefacts(self) -> dict[str, str]:
@@ -71,13 +72,18 @@ def estimate(c: Compilation) -> EstimateResult:
     import shutil
 
     from pfq_edge.export.finn_build import write_finn_build_config, write_finn_reports
-    from pfq_edge.targets.backends.finn.driver import finn_estimate, finn_session, is_branchy
+    from pfq_edge.runners.onnx import run_qonnx
+    from pfq_edge.targets.backends.finn.driver import (FINN_GOLDEN_IMAGES, finn_estimate, finn_golden_checks,
+                                                       finn_session, is_branchy)
     from pfq_edge.targets.backends.finn.fit import fpga_verdicts
 
     fpga, bits = c.profile.fpga, pixel_bits(c)
     build, qonnx = c.work / ".finn_build", c.work / QONNX_FILE
     clip, branchy = c.spec.normalization is not None, is_branchy(qonnx)
     result = finn_estimate(qonnx, fpga, bits, build, clip_thresholds=clip, branchy=branchy)
+    images = c.data.test.take(FINN_GOLDEN_IMAGES).images.numpy()
+    with finn_session(build / "golden") as _:
+        golden = [g.as_dict() for g in finn_golden_checks(build, run_qonnx(qonnx, images), images, bits)]
     verdicts = fpga_verdicts(result, c.profile)
     packaged, run_files = write_finn_reports(result.report_dir, build / "finn" / "build.log", c.work / "finn_reports")
     shutil.rmtree(build)
@@ -87,7 +93,7 @@ def estimate(c: Compilation) -> EstimateResult:
     shutil.rmtree(c.work / ".finn_config")
     rel = [str(p.relative_to(c.work)) for p in packaged]
     return EstimateResult(estimate=result.as_dict(), verdicts=verdicts, files=rel,
-                          run_files=[str(p.relative_to(c.work)) for p in run_files])
+                          run_files=[str(p.relative_to(c.work)) for p in run_files], golden=golden)
 
 
 def pixel_bits(c: Compilation) -> int:
@@ -108,7 +114,8 @@ class FinnBackend(Backend):
     @property
     def steps(self) -> list[Step]:
         return [Step("export", export, requires=("finetune",), reads=("quant",), golden=("export",)),
-                Step("estimate", estimate, requires=("export",), reads=("fpga", "budget", "quant"))]
+                Step("estimate", estimate, requires=("export",), reads=("fpga", "budget", "quant"),
+                     golden=("finn",))]
 
     def validate_profile(self, profile) -> str | None:
         if profile.quant.bias != "float":

@@ -122,8 +122,9 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = write_finn_input_model(qonnx_path, build_dir / "model_finn_input.onnx", input_bits)
     log_path = out_dir / "build.log"
-    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
-            finn_session(build_dir) as (build_dataflow, config):
+    with progress_bar("FINN estimate build", total=None) as advance, open(log_path, "a") as log, \
+            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
+            finn_session(build_dir) as (build_dataflow, config), _time_limit(FINN_TIME_LIMIT_S, log_path) as step:
         from finn.builder import build_dataflow_steps as steps_lib
 
         names = list(config.estimate_only_dataflow_steps)
@@ -136,29 +137,100 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
             from pfq_edge.export.device.finn_steps import step_pfq_clip_thresholds
 
             functions.insert(names.index("step_streamline") + 1, step_pfq_clip_thresholds)
-        with progress_bar("FINN estimate build", total=len(functions)) as advance:
-            cfg = config.DataflowBuildConfig(
-                output_dir=str(out_dir),
-                synth_clk_period_ns=1000.0 / fpga.clock_mhz,
-                fpga_part=fpga.part,
-                target_fps=fpga.target_fps,
-                folding_config_file=Path(fpga.folding_file).resolve() if fpga.folding_file else None,
-                steps=[_with_progress(f, advance) for f in functions],
-                generate_outputs=[config.DataflowOutputType.ESTIMATE_REPORTS],
-                save_intermediate_models=True,
-            )
-            try:
-                rc = build_dataflow.build_dataflow_cfg(str(model_path), cfg)
-            except Exception as exc:  # FINN re-raises under pytest; otherwise it returns -1 (handled below)
-                raise ToolchainError(f"FINN estimate build failed: {first_line(exc, 200)}") from None
+        cfg = config.DataflowBuildConfig(
+            output_dir=str(out_dir),
+            synth_clk_period_ns=1000.0 / fpga.clock_mhz,
+            fpga_part=fpga.part,
+            target_fps=fpga.target_fps,
+            folding_config_file=Path(fpga.folding_file).resolve() if fpga.folding_file else None,
+            steps=[_with_progress(f, advance, step) for f in functions],
+            generate_outputs=[config.DataflowOutputType.ESTIMATE_REPORTS],
+            save_intermediate_models=True,
+        )
+        try:
+            rc = build_dataflow.build_dataflow_cfg(str(model_path), cfg)
+        except _TimeLimit:
+            raise ToolchainError(f"FINN estimate build stopped: {step[0]} did not finish within {FINN_TIME_LIMIT_S} s "
+                                 f"(FINN's log: {_keep_log(log_path)})") from None
+        except Exception as exc:  # FINN re-raises under pytest; otherwise it returns -1 (handled below)
+            raise ToolchainError(f"FINN estimate build failed: {first_line(exc, 200)}") from None
     if rc != 0:
         kept = _keep_log(log_path)
         raise ToolchainError(f"FINN estimate build failed: {finn_error(log_path)} (FINN's log: {kept})")
     return read_estimates(out_dir / "report", fpga)
 
 
-def _with_progress(step, advance):
+FINN_GOLDEN_IMAGES = 64  # FINN's python executor runs one image at a time (~30 ms per image and graph, small nets)
+CHECKED_STEPS = (("step_qonnx_to_finn", "FINN graph after step_qonnx_to_finn"),
+                 ("streamline", "FINN graph after streamlining"),
+                 ("step_convert_to_hw", "FINN graph after step_convert_to_hw"))
+
+
+def finn_golden_checks(build_dir: Path, reference, images, input_bits: int) -> list:
+    """FINN's intermediate models of the build in ``build_dir`` — after QONNX→FINN conversion, after streamlining
+    (its last streamlining step), after HW conversion — executed with FINN's python executor on ``images`` (N, C, H,
+    W) in [0, 1] as UINT<input_bits> pixels, each against ``reference``, the QONNX model's logits (N, classes) on the
+    same images, like FINN's own ``verify_steps``. Returns GoldenResults in step order; raises GoldenCheckError
+    naming the first step that diverges. Needs FINN's settings (inside ``finn_session``)."""
+    import numpy as np
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+
+    from pfq_edge.golden import check
+
+    folder = Path(build_dir) / "finn" / "intermediate_models"
+    saved = {p.stem: p for p in folder.glob("*.onnx")}
+    pixels = np.round(np.asarray(images, dtype=np.float64) * (2 ** input_bits - 1)).astype(np.float32)
+    results = []
+    for key, stage in CHECKED_STEPS:
+        names = [n for n in saved if "streamline" in n or "clip_thresholds" in n] if key == "streamline" else \
+            [key] if key in saved else []
+        if not names:
+            continue
+        path = saved[max(names, key=lambda n: saved[n].stat().st_mtime_ns)]  # the last of them FINN wrote
+        model = ModelWrapper(str(path))
+        iname, oname = model.graph.input[0].name, model.graph.output[0].name
+        out = np.concatenate([np.asarray(execute_onnx(model, {iname: px[None]})[oname]).reshape(1, -1)
+                              for px in pixels])
+        results.append(check("finn", f"{stage} vs QONNX", reference, out))
+    return results
+
+
+FINN_TIME_LIMIT_S = 1200  # seconds for the whole estimate build (small nets: ~10 s; EfficientNet-Lite0: minutes)
+
+
+class _TimeLimit(BaseException):  # not an Exception: FINN's builder catches those and carries on to its next step
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int, log_path: Path):
+    """Raise _TimeLimit in the main thread after ``seconds`` (a FINN transformation that never converges would
+    otherwise spin forever); yields a one-item list holding the name of the step running. No limit off the main
+    thread (signals need it)."""
+    import signal
+    import threading
+
+    current = ["FINN's first step"]
+    if threading.current_thread() is not threading.main_thread():
+        yield current
+        return
+
+    def expire(_signum, _frame):
+        raise _TimeLimit()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield current
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _with_progress(step, advance, current: list):
     def run(model, cfg):
+        current[0] = step.__name__
         result = step(model, cfg)
         advance(1)
         return result

@@ -452,6 +452,7 @@ def prune_cmd(
     if check:
         result["check"] = _compare_on_images(loaded, pruned, check, dataset, rule)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # as compile -o does; only after every check passed
         save_pruned(pruned, analysis.plan, model, out, source_weights=loaded.weights,
                     model_args=_model_args(model_arg))
     except OSError as exc:

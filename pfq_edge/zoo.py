@@ -292,12 +292,14 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None,
         # A head-only file (transfer learning) completes a factory that loaded its own backbone weights.
         head_only = entry.info.get("head_only_weights") and Path(weights) == entry.weights
         try:
-            unexpected = module.load_state_dict(state, strict=not head_only).unexpected_keys
-            if unexpected:
-                raise RuntimeError(f"unexpected keys {unexpected[:5]}")
-        except RuntimeError as exc:
-            detail = one_line(exc, 300)
-            raise ModelError(f"weights {weights} do not match model {spec!r}: {detail}") from None
+            result = module.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # a shape mismatch
+            raise ModelError(f"weights {weights} do not match model {spec!r}: {one_line(exc, 300)}") from None
+        missing = [] if head_only else result.missing_keys
+        if missing or result.unexpected_keys:
+            raise ModelError(f"weights {weights} do not match model {spec!r}: "
+                             + "; ".join(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in
+                                         (("missing", missing), ("unexpected", result.unexpected_keys)) if keys))
     module.eval()
     return LoadedModel(spec, module, entry.input_shape, Path(weights) if weights else None, dict(entry.info),
                        entry.num_classes)

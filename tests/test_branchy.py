@@ -28,7 +28,7 @@ def concat_weights(tmp_path_factory):
     from user_models import concat_net
 
     torch.manual_seed(0)
-    model = randomize_bn(concat_net().eval())
+    model = randomize_bn(concat_net(num_classes=10).eval())
     plant_constant(model.stem[0], model.stem[1], [3], [0.5])     # read by branch a's padded 3×3 conv: neutralized
     plant_constant(model.a[0], model.a[1], [1, 2], [0.5, -0.3])  # through the concat into a 1×1 conv: removed
     path = tmp_path_factory.mktemp("branchy") / "concat.safetensors"
@@ -48,8 +48,8 @@ def _check_pfq(report):
 @pytest.mark.parametrize("target", ["fpga", "cpu"])
 def test_concat_with_constant_filters_compiles(concat_weights, tmp_path, target):
     out = tmp_path / target
-    proc = run("compile", "--target", target, "--model", "user_models:concat_net", "--weights", concat_weights,
-               "--epochs", "0", "--out", out)
+    proc = run("compile", "--target", target, "--model", "user_models:concat_net", "--model-arg", "num_classes=10",
+               "--weights", concat_weights, "--epochs", "0", "--out", out)
     assert proc.returncode in (0, 9), proc.stderr[-2000:]  # 9: a budget missed, output complete
     report = json.loads((out / "report.json").read_text())
     _check_pfq(report)

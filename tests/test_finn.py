@@ -174,3 +174,21 @@ def test_a_finn_build_that_does_not_finish_is_stopped_with_its_step_named(tmp_pa
     monkeypatch.setattr(driver, "FINN_TIME_LIMIT_S", 1)  # a transformation loop, as FINN's streamlining can spin
     with pytest.raises(ToolchainError, match=r"stopped: step_\w+ did not finish within 1 s"):
         finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / "build")
+
+
+def test_zero_estimates_are_bounded_and_a_zero_compute_core_makes_the_estimate_incomplete(estimate):
+    from pfq_edge.targets.backends.finn.zero_estimates import kind_of
+
+    profile, est = estimate
+    zero_kinds = {kind_of(b["layer"]) for b in est.bounded}
+    assert "FMPadding" in zero_kinds and all(b["LUT"] > 0 for b in est.bounded)  # FINN said 0 for each of them
+    rows = {r["layer"]: r for r in est.layers}
+    assert all(rows[b["layer"]]["LUT"] == b["LUT"] and rows[b["layer"]]["bounded"] for b in est.bounded)
+    assert est.totals["LUT"] == pytest.approx(est.finn_totals["LUT"] + sum(b["LUT"] for b in est.bounded))
+    assert fpga_verdicts(est, profile)["fit"]["verdict"] == "fits"
+    # an MVAU estimated at 0 everywhere (Xilinx/finn#1309): no verdict rests on it
+    broken = dataclasses.replace(est, layers=[dict(r) for r in est.layers])
+    mvau = next(r for r in broken.layers if r["layer"].startswith("MVAU"))
+    mvau.update(LUT=0.0, BRAM_18K=0.0, URAM=0.0, DSP=0.0)
+    fit = fpga_verdicts(broken, profile)["fit"]
+    assert fit["verdict"] == "estimate incomplete" and fit["incomplete"] == [mvau["layer"]]

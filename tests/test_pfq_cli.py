@@ -163,3 +163,16 @@ def test_heads_written_in_many_ways(tmp_path, head, removed, images):
     assert (a.plan.filters_removed == 1) is removed and a.constant_removed + len(a.plan.neutralized) >= 1
     with torch.no_grad():
         assert torch.allclose(pruned(images), model(images), atol=1e-5)
+
+
+def test_prune_creates_the_output_folder_and_foreign_weights_get_a_short_line(tmp_path):
+    out = tmp_path / "new" / "folder" / "p.safetensors"
+    proc = run("prune", "fashion-dscnn", "-o", str(out))
+    assert proc.returncode == 0 and out.is_file(), proc.stderr
+    from pfq_edge.zoo import WEIGHTS_DIR
+
+    proc = run("analyze", "pfq_edge.zoo:fashion_dscnn", "--weights",
+               str(WEIGHTS_DIR / "efficientnet-lite0-fmnist-head.safetensors"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 4 and len(lines) == 1 and len(lines[0]) < 300
+    assert "missing (e.g." in lines[0] and "unexpected (e.g." in lines[0]

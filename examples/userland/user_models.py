@@ -74,5 +74,31 @@ class ConcatNet(nn.Module):
         return self.head(torch.flatten(self.mix(torch.cat([self.a(y), self.b(y)], 1)), 1))
 
 
-def concat_net(num_classes: int = 10):
+def concat_net(num_classes: int = 5):
     return ConcatNet(num_classes)
+
+
+class ResidualNet(nn.Module):
+    """(N, 1, 28, 28) → (N, num_classes): a strided stem, two ResNet basic blocks (3×3 conv-BN-ReLU-3×3 conv-BN plus
+    the identity, ReLU after the add), global average pooling, linear head."""
+
+    def __init__(self, num_classes: int = 5, width: int = 16):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "conv1": nn.Conv2d(w, w, 3, padding=1, bias=False), "bn1": nn.BatchNorm2d(w),
+            "conv2": nn.Conv2d(w, w, 3, padding=1, bias=False), "bn2": nn.BatchNorm2d(w)}) for _ in range(2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(w, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            y = torch.relu(b["bn1"](b["conv1"](x)))
+            x = torch.relu(x + b["bn2"](b["conv2"](y)))
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+def residual_net(num_classes: int = 5):
+    return ResidualNet(num_classes)

@@ -96,6 +96,21 @@ def estimate(c: Compilation) -> EstimateResult:
                           run_files=[str(p.relative_to(c.work)) for p in run_files], golden=golden)
 
 
+def _zero_note(fpga: dict, fit: dict) -> str:
+    bounded = [r for r in fpga["layers"] if r.get("bounded")]
+    text = ""
+    if bounded:
+        finn = fpga.get("finn_totals", {}).get("LUT", fpga["totals"]["LUT"])
+        text = (f"\\* FINN estimated {len(bounded)} layer(s) at 0 LUT, 0 BRAM/URAM, 0 DSP (its estimate counts only "
+                f"stored parameters for them); pfq-edge bounds each from its stream widths "
+                f"(targets/backends/finn/zero_estimates.py): +{fpga['totals']['LUT'] - finn:.0f} LUT over FINN's "
+                f"{finn:.0f}, included in the fit verdict.")
+    if fit.get("incomplete"):
+        text += (" " if text else "") + (f"**Estimate incomplete**: FINN gives 0 resources for the compute layer(s) "
+                                          f"{', '.join(fit['incomplete'])}; no fit verdict rests on that.")
+    return text or "FINN estimated every layer (no zero estimates)."
+
+
 def pixel_bits(c: Compilation) -> int:
     """Bits of the integer pixels FINN's accelerator takes: the input quantizer's, or 8 (UINT8 pixels) when the
     model normalises its input (the normalised values are quantized after the absorbed Sub/Div)."""
@@ -165,6 +180,8 @@ class FinnBackend(Backend):
     def budget_missed(self, s: dict) -> str | None:
         if s.get("fit") == "does not fit":
             return "the FINN estimate does not fit the board (report.md, 'FPGA estimate')"
+        if s.get("fit") == "estimate incomplete":
+            return "FINN estimated a compute layer at 0 resources: no fit verdict (report.md, 'FPGA estimate')"
         if s.get("latency_verdict") == "misses":
             return f"FINN latency {s['latency_us'] / 1000:.3f} ms exceeds the profile's latency budget"
         return None
@@ -183,10 +200,10 @@ class FinnBackend(Backend):
                 ", ".join(f"{r} {fpga['totals'][r]:.0f}/{fit['capacity'][r]} ({u:.1%})"
                           for r, u in fit["utilization"].items()),
                 f"- Latency budget {lat['budget_ms']} ms: **{lat['verdict']}** ({lat['latency_ms']:.3f} ms)", "",
-                "FINN's estimates undercount some LUTs (pooling and float element-wise nodes report 0).", "",
+                _zero_note(fpga, fit), "",
                 table(["layer", "cycles", "LUT", "BRAM_18K", "URAM", "DSP"],
-                      [[r["layer"], r["cycles"], f"{r['LUT']:.0f}", f"{r['BRAM_18K']:.0f}", f"{r['URAM']:.0f}",
-                        f"{r['DSP']:.0f}"] for r in fpga["layers"]]), ""]
+                      [[r["layer"], r["cycles"], f"{r['LUT']:.0f}" + (" *" if r.get("bounded") else ""),
+                        f"{r['BRAM_18K']:.0f}", f"{r['URAM']:.0f}", f"{r['DSP']:.0f}"] for r in fpga["layers"]]), ""]
 
     def render_plots(self, doc: dict, folder, title: str) -> list[str]:
         from pfq_edge import plots

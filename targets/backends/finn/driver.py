@@ -27,7 +27,9 @@ RESOURCES = ("LUT", "BRAM_18K", "URAM", "DSP")
 @dataclass
 class FinnEstimate:
     """FINN's estimates: ``layers`` rows {layer, cycles, LUT, BRAM_18K, URAM, DSP}, ``totals`` per resource,
-    ``latency_us`` (critical path at the clock), ``throughput_fps`` (1 / slowest layer), ``folding`` (PE/SIMD)."""
+    ``latency_us`` (critical path at the clock), ``throughput_fps`` (1 / slowest layer), ``folding`` (PE/SIMD).
+    Layers FINN estimates at 0 everywhere carry pfq-edge's bound instead (``bounded``, zero_estimates.py); the
+    totals include it, ``finn_totals`` are FINN's own."""
 
     part: str
     clock_mhz: float
@@ -40,6 +42,8 @@ class FinnEstimate:
     throughput_fps: float
     folding: dict = field(default_factory=dict)
     report_dir: str = ""
+    bounded: list = field(default_factory=list)  # layers FINN estimated at 0, bounded by zero_estimates.py
+    finn_totals: dict = field(default_factory=dict)  # FINN's own totals, before those bounds
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -157,7 +161,16 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
     if rc != 0:
         kept = _keep_log(log_path)
         raise ToolchainError(f"FINN estimate build failed: {finn_error(log_path)} (FINN's log: {kept})")
-    return read_estimates(out_dir / "report", fpga)
+    estimate = read_estimates(out_dir / "report", fpga)
+    with finn_session(build_dir / "bounds"):
+        from pfq_edge.targets.backends.finn.zero_estimates import bound_zero_layers
+
+        estimate.bounded = bound_zero_layers(
+            estimate.layers, out_dir / "intermediate_models" / "step_generate_estimate_reports.onnx")
+    if estimate.bounded:
+        estimate.finn_totals = dict(estimate.totals)
+        estimate.totals["LUT"] += sum(b["LUT"] for b in estimate.bounded)
+    return estimate
 
 
 FINN_GOLDEN_IMAGES = 64  # FINN's python executor runs one image at a time (~30 ms per image and graph, small nets)

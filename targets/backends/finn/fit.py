@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pfq_edge.errors import ProfileError
+from pfq_edge.targets.backends.finn.zero_estimates import unexplained_zeros
 
 CAPACITY_FIELDS = ("LUT", "FF", "BRAM_18K", "URAM", "DSP")
 
@@ -39,8 +40,10 @@ def check_fpga_profile(profile) -> None:
 
 def fpga_verdicts(estimate, profile) -> dict:
     """Fit (every resource ≤ max_utilization × capacity) and latency (≤ budget) verdicts for a FinnEstimate.
+    A compute core FINN estimated at 0 everywhere makes the fit "estimate incomplete" (``incomplete`` names it);
+    zero estimates of other layers are bounded first (zero_estimates.py; ``bounded`` names them).
 
-    Returns {"fit": {"verdict": "fits"|"does not fit", "utilization": {res: fraction}, ...},
+    Returns {"fit": {"verdict": "fits"|"does not fit"|"estimate incomplete", "utilization": {res: fraction}, ...},
              "latency": {"verdict": "meets"|"misses", "latency_ms", "budget_ms"}}.
     """
     capacity = board_capacity(profile.fpga.board)
@@ -49,11 +52,14 @@ def fpga_verdicts(estimate, profile) -> dict:
                    (0.0 if estimate.totals.get(r, 0.0) == 0 else float("inf"))
                    for r in ("LUT", "BRAM_18K", "URAM", "DSP")}
     over = [r for r, u in utilization.items() if u > limit]
+    incomplete = unexplained_zeros(estimate.layers)
     latency_ms = estimate.latency_us / 1000.0
+    verdict = "does not fit" if over else "estimate incomplete" if incomplete else "fits"
     return {
-        "fit": {"verdict": "does not fit" if over else "fits", "board": profile.fpga.board,
+        "fit": {"verdict": verdict, "board": profile.fpga.board,
                 "part": profile.fpga.part, "max_utilization": limit, "capacity": capacity,
-                "utilization": utilization, "over": over},
+                "utilization": utilization, "over": over, "incomplete": incomplete,
+                "bounded": [b["layer"] for b in getattr(estimate, "bounded", [])]},
         "latency": {"verdict": "meets" if latency_ms <= profile.budget.latency_ms else "misses",
                     "latency_ms": latency_ms, "budget_ms": profile.budget.latency_ms},
     }

@@ -229,6 +229,12 @@ def with_overrides(profile: Profile, overrides: dict[str, dict]) -> Profile:
         raise ProfileError(f"option for profile {profile.name!r}: {_errors(exc)}") from None
 
 
+# A user's profile file of kind "cpu" / "gpu" that leaves these [quant] keys out gets what the built-in CPU/GPU
+# profiles state (QCDQ carries 8-bit integers; integer runtimes add int32 biases), not the schema's FPGA-minded
+# defaults (W4A4, float bias).
+KIND_QUANT_DEFAULTS = {kind: {"weight_bit_width": 8, "act_bit_width": 8, "bias": "int32"} for kind in ("cpu", "gpu")}
+
+
 def _parse(path: Path) -> Profile:
     try:
         data = tomllib.loads(path.read_text())
@@ -236,6 +242,9 @@ def _parse(path: Path) -> Profile:
         raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"{path}: not valid TOML: {exc}") from None
+    quant = data.get("quant", {})
+    if data.get("kind") in KIND_QUANT_DEFAULTS and isinstance(quant, dict):  # keys the file leaves out
+        data["quant"] = {**KIND_QUANT_DEFAULTS[data["kind"]], **quant}
     folding = data.get("fpga", {}).get("folding_file") if isinstance(data.get("fpga"), dict) else None
     if isinstance(folding, str):  # relative to the profile file, not to wherever the command runs
         data["fpga"]["folding_file"] = str((path.parent / folding).resolve())

@@ -72,3 +72,12 @@ def test_unknown_board_or_wrong_part_is_refused_before_any_work(tmp_path, old, n
     with pytest.raises(ProfileError) as exc:
         check_fpga_profile(load_profile(str(f)))
     assert key in str(exc.value) and str(f) in str(exc.value)
+
+
+def test_a_short_cpu_profile_gets_the_cpu_quant_defaults(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\ndescription = "x"\nkind = "cpu"\nexport_format = "qcdq"\n'
+                    '[quant]\nweight_granularity = "per-channel"\n[runtime]\ntvm_target = "llvm"\n[budget]\n'
+                    'latency_ms = 50\n')
+    q = load_profile(str(path)).quant
+    assert (q.weight_bit_width, q.act_bit_width, q.bias, q.weight_granularity) == (8, 8, "int32", "per-channel")

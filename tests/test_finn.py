@@ -172,8 +172,10 @@ def test_a_finn_build_that_does_not_finish_is_stopped_with_its_step_named(tmp_pa
     calibrate(qm, images)
     path = export_qonnx(qm, images[:1], tmp_path / "m.onnx")
     monkeypatch.setattr(driver, "FINN_TIME_LIMIT_S", 1)  # a transformation loop, as FINN's streamlining can spin
-    with pytest.raises(ToolchainError, match=r"stopped: step_\w+ did not finish within 1 s"):
+    with pytest.raises(ToolchainError, match=r"stopped: step_\w+ did not finish within 1 s") as err:
         finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / "build")
+    kept = Path(str(err.value).rsplit("FINN's log: ", 1)[1].rstrip(")"))
+    assert kept.stat().st_size > 0  # what FINN printed up to the stop
 
 
 def test_zero_estimates_are_bounded_and_a_zero_compute_core_makes_the_estimate_incomplete(estimate):

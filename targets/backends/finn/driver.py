@@ -154,6 +154,7 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
         try:
             rc = build_dataflow.build_dataflow_cfg(str(model_path), cfg)
         except _TimeLimit:
+            log.flush()
             raise ToolchainError(f"FINN estimate build stopped: {step[0]} did not finish within {FINN_TIME_LIMIT_S} s "
                                  f"(FINN's log: {_keep_log(log_path)})") from None
         except Exception as exc:  # FINN re-raises under pytest; otherwise it returns -1 (handled below)

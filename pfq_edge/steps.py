@@ -248,7 +248,6 @@ def prune(c: Compilation) -> PruneResult:
     """PfQ with the profile's rule: find constant filters, remove them with compensation, check the pruned float
     model — rule "exact": golden check on the test images; rule "bn-epsilon": the data guard on the calibration
     images (top-1 agreement ≥ pfq.min_agreement); rule "off": nothing removed."""
-    from pfq_edge.golden import check
     from pfq_edge.train import predict, top1
 
     pfq, test = c.profile.pfq, c.data.test

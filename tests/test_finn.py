@@ -96,7 +96,6 @@ def test_residual_add_after_relus_maps_to_finn(tmp_path, images):
 
 def test_a_model_finn_cannot_map_fails_with_finns_reason(tmp_path, images):
     """A float LeakyReLU (Brevitas has no quantizer for it): FINN cannot map it; the error names the node."""
-    import torch
     from torch import nn
 
     from pfq_edge.errors import ToolchainError

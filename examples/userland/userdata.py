@@ -73,7 +73,8 @@ def train_weights(factory, data_spec, path: Path, epochs: int = 3, head: str | N
 def main(argv=None) -> None:
     """``python userdata.py`` writes the README's example data here: clothes/ (5 classes, 3×32×32 RGB PNGs),
     clothes-grey/ (the same, 1×28×28) and digits.npz; ``python userdata.py train FOLDER_OR_NPZ FACTORY OUT``
-    trains that factory's model on it (3 epochs) with pfq-edge's data pipeline and saves a state dict."""
+    (FACTORY: a name in user_models.py, or module:factory) trains that factory's model on it (3 epochs) with
+    pfq-edge's data pipeline and saves a state dict."""
     import argparse
     import sys
 
@@ -101,10 +102,16 @@ def main(argv=None) -> None:
         print("wrote clothes/ (1000 train, 200 test images), clothes-grey/, digits.npz")
         return
     data, factory_name, out = a.args
-    import user_models
+    import importlib
 
+    module, _, name = factory_name.rpartition(":") if ":" in factory_name else ("user_models", ":", factory_name)
+    sys.path.insert(0, ".")  # a module:factory next to this file or in the working directory, as pfq-edge takes it
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        sys.exit(f"userdata.py: cannot load factory {factory_name!r}: {exc}")
     spec = make_spec(data, None, mean=_floats(a.mean), std=_floats(a.std), image_size=_floats(a.image_size, int))
-    train_weights(getattr(user_models, factory_name), spec, Path(out), epochs=a.epochs, head=a.head)
+    train_weights(factory, spec, Path(out), epochs=a.epochs, head=a.head)
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -62,7 +62,7 @@ class PruneGroup:
     removals: list[Removal]
     compensations: list[Compensation]
     exact: bool                          # True: no non-zero constant meets zero padding (identical output)
-    inexact: list[str] = field(default_factory=list)  # where a constant meets zero padding (rule bn-epsilon only)
+    inexact: list[str] = field(default_factory=list)  # where a constant meets padding (bn-epsilon, padded="remove")
 
 
 @dataclass

@@ -128,7 +128,7 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
     log_path = out_dir / "build.log"
     with progress_bar("FINN estimate build", total=None) as advance, open(log_path, "a") as log, \
             contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
-            finn_session(build_dir) as (build_dataflow, config), _time_limit(FINN_TIME_LIMIT_S, log_path) as step:
+            finn_session(build_dir) as (build_dataflow, config), _time_limit(FINN_TIME_LIMIT_S) as step:
         from finn.builder import build_dataflow_steps as steps_lib
 
         names = list(config.estimate_only_dataflow_steps)
@@ -218,7 +218,7 @@ class _TimeLimit(BaseException):  # not an Exception: FINN's builder catches tho
 
 
 @contextlib.contextmanager
-def _time_limit(seconds: int, log_path: Path):
+def _time_limit(seconds: int):
     """Raise _TimeLimit in the main thread after ``seconds`` (a FINN transformation that never converges would
     otherwise spin forever); yields a one-item list holding the name of the step running. No limit off the main
     thread (signals need it)."""

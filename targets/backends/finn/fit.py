@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pfq_edge.errors import ProfileError
+from pfq_edge.targets.backends.finn.driver import RESOURCES
 from pfq_edge.targets.backends.finn.zero_estimates import unexplained_zeros
 
 CAPACITY_FIELDS = ("LUT", "FF", "BRAM_18K", "URAM", "DSP")
@@ -50,7 +51,7 @@ def fpga_verdicts(estimate, profile) -> dict:
     limit = profile.fpga.max_utilization
     utilization = {r: (estimate.totals.get(r, 0.0) / capacity[r]) if capacity[r] else
                    (0.0 if estimate.totals.get(r, 0.0) == 0 else float("inf"))
-                   for r in ("LUT", "BRAM_18K", "URAM", "DSP")}
+                   for r in RESOURCES}
     over = [r for r, u in utilization.items() if u > limit]
     incomplete = unexplained_zeros(estimate.layers)
     latency_ms = estimate.latency_us / 1000.0
@@ -59,7 +60,7 @@ def fpga_verdicts(estimate, profile) -> dict:
         "fit": {"verdict": verdict, "board": profile.fpga.board,
                 "part": profile.fpga.part, "max_utilization": limit, "capacity": capacity,
                 "utilization": utilization, "over": over, "incomplete": incomplete,
-                "bounded": [b["layer"] for b in getattr(estimate, "bounded", [])]},
+                "bounded": [b["layer"] for b in estimate.bounded]},
         "latency": {"verdict": "meets" if latency_ms <= profile.budget.latency_ms else "misses",
                     "latency_ms": latency_ms, "budget_ms": profile.budget.latency_ms},
     }

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pfq_edge.targets.backends.finn.driver import RESOURCES
+
 BOUNDED_KINDS = ("FMPadding", "DuplicateStreams", "StreamingConcat", "StreamingSplit", "Pool", "GlobalAccPool",
                  "AddStreams", "ElementwiseAdd", "ElementwiseSub", "ElementwiseMul", "ElementwiseMax",
                  "ElementwiseMaximum", "LabelSelect", "StreamingDataWidthConverter", "StreamingFIFO")
 CORE_KINDS = ("MVAU", "VVAU", "Thresholding", "ConvolutionInputGenerator", "MatrixVectorActivation",
               "VectorVectorActivation")
 FLOAT_LUT = {"mul": 700, "add": 450}
-RESOURCES = ("LUT", "BRAM_18K", "URAM", "DSP")
 
 
 def kind_of(layer: str) -> str:

@@ -1,10 +1,15 @@
-"""Train the default float model (``fashion-dscnn``) on Fashion-MNIST, reproducibly, and save it as safetensors.
+"""Train a zoo model on Fashion-MNIST, reproducibly, and save it as safetensors.
 
     python examples/train_fashion_mnist.py --epochs 15 --out pfq_edge/weights
+    python examples/train_fashion_mnist.py --arch fashion-mbv2 --optimizer sgd --lr 0.2 --weight-decay 1e-3 \
+        --schedule onecycle --epochs 8 --name fashion-mbv2
 
-Recipe: Adam lr 1e-3 with coupled L2 weight decay 5e-4 (torch.optim.Adam, not AdamW), batch 128, cosine LR,
-seed 0, all 60,000 training images. Writes ``fashion-dscnn.safetensors`` and ``fashion-dscnn.json`` (test top-1,
-the command, the recipe, wall time, BN channels with running_var == 0) into ``--out``.
+Default recipe (``fashion-dscnn``): Adam lr 1e-3 with coupled L2 weight decay 5e-4 (torch.optim.Adam, not AdamW),
+batch 128, cosine LR, seed 0, all 60,000 training images. ``--optimizer sgd`` uses momentum 0.9 with L2 weight
+decay; a ReLU filter that dies under it gets no gradient but its weight decay, so its weights shrink towards 0 and
+its BN output towards the constant β (the filters PfQ removes). Writes ``NAME.safetensors`` and ``NAME.json`` (test
+top-1, the command, the recipe, wall time, BN channels with running_var == 0 and constant filters by PfQ's exact
+rule) into ``--out``.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from pathlib import Path
 import torch
 
 from pfq_edge.data import load_split
+from pfq_edge.pfq.criterion import constant_mask
 from pfq_edge.io import atomic_write_bytes, atomic_write_text
 from pfq_edge.train import TrainConfig, accuracy, set_seed, train
-from pfq_edge.zoo import fashion_dscnn
+from pfq_edge.zoo import fashion_dscnn, fashion_mbv2, fashion_resnet
+
+ARCHITECTURES = {"fashion-dscnn": None, "fashion-mbv2": fashion_mbv2, "fashion-resnet": fashion_resnet}
 
 
 def main() -> None:
@@ -32,17 +40,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--channels", default="32,64,128,128,256", help="stem and block widths, comma-separated")
-    ap.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    ap.add_argument("--arch", choices=sorted(ARCHITECTURES), default="fashion-dscnn")
+    ap.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    ap.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    ap.add_argument("--schedule", choices=("cosine", "constant", "onecycle"), default="cosine")
     ap.add_argument("--name", default="fashion-dscnn", help="file stem of the weights and metadata written")
     ap.add_argument("--out", type=Path, default=Path("pfq_edge/weights"))
     args = ap.parse_args()
 
     set_seed(args.seed)
     channels = tuple(int(c) for c in args.channels.split(","))
-    model = fashion_dscnn(channels)
+    model = fashion_dscnn(channels) if args.arch == "fashion-dscnn" else ARCHITECTURES[args.arch]()
     train_set, test_set = load_split("train", args.data_dir), load_split("test", args.data_dir)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
-                      seed=args.seed, schedule=args.schedule)
+                      seed=args.seed, schedule=args.schedule,
+                      optimizer=args.optimizer, momentum=args.momentum)
     t0 = time.time()
     history = []
 
@@ -54,7 +66,9 @@ def main() -> None:
     train(model, train_set, cfg, description="float training", on_epoch=on_epoch)
     wall = time.time() - t0
 
-    dead = sum(int((m.running_var == 0).sum()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    dead = sum(int((m.running_var == 0).sum()) for m in bns)
+    constant = sum(int(constant_mask(m).sum()) for m in bns)
     from safetensors.torch import save
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -65,15 +79,17 @@ def main() -> None:
         "test_top1": history[-1]["test_top1"],
         "history": history,
         "bn_channels_running_var_zero": dead,
-        "recipe": {k: getattr(args, k) for k in ("epochs", "lr", "weight_decay", "batch_size", "seed", "schedule")},
-        "channels": list(channels),
+        "constant_filters_exact_rule": constant,
+        "recipe": {k: getattr(args, k) for k in ("optimizer", "momentum", "epochs", "lr", "weight_decay",
+                                                  "batch_size", "seed", "schedule")},
+        **({"channels": list(channels)} if args.arch == "fashion-dscnn" else {"architecture": args.arch}),
         "command": "python " + " ".join(sys.argv),
         "wall_s": round(wall, 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
     atomic_write_text(args.out / f"{args.name}.json", json.dumps(meta, indent=2) + "\n")
-    print(json.dumps({k: meta[k] for k in ("test_top1", "bn_channels_running_var_zero", "wall_s")}))
+    print(json.dumps({k: meta[k] for k in ("test_top1", "bn_channels_running_var_zero", "constant_filters_exact_rule", "wall_s")}))
 
 
 if __name__ == "__main__":

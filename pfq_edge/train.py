@@ -20,7 +20,8 @@ from pfq_edge.progress import progress_bar
 
 @dataclass
 class TrainConfig:
-    """Optimiser settings: Adam with coupled L2 ``weight_decay`` (torch.optim.Adam), LR ``schedule`` over all steps.
+    """Optimiser settings: ``optimizer`` "adam" (torch.optim.Adam, coupled L2 ``weight_decay``) or "sgd" (momentum
+    ``momentum``, L2 ``weight_decay``), LR ``schedule`` over all steps.
 
     ``distill_alpha`` > 0 adds knowledge distillation from a teacher:
     (1 − α)·CE + α·T²·KL(teacher_T ‖ student_T).
@@ -33,7 +34,9 @@ class TrainConfig:
     batch_size: int = 128           # global batch, split across processes under torchrun
     seed: int = 0
     max_samples: int | None = None  # use only the first N training images per epoch (None: all)
-    schedule: str = "cosine"        # "cosine" (to 0 over all steps) or "constant"
+    schedule: str = "cosine"        # "cosine" (to 0 over all steps), "constant" or "onecycle" (peak ``lr``)
+    optimizer: str = "adam"         # "adam" or "sgd"
+    momentum: float = 0.9           # SGD only
     distill_alpha: float = 0.0
     distill_temperature: float = 4.0
     patience: int = 2
@@ -87,9 +90,14 @@ def train(model, data: Split, cfg: TrainConfig, description: str = "train", on_e
     if resume and checkpoint is not None and checkpoint.is_file():
         state = _load_checkpoint(checkpoint, checkpoint_key)
         model.load_state_dict(state["model"])  # before the optimizer: Brevitas may replace scale parameters here
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+    elif cfg.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch))
     else:
         sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
     gen = torch.Generator().manual_seed(cfg.seed)

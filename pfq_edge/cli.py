@@ -368,6 +368,9 @@ def _removal_kind(plan) -> str:
     """One line: is the pruned model the same function (exact), or an approximation to check with data?"""
     neutral = sum(len(n.channels) for n in plan.neutralized)
     kept = f"; {neutral} neutralized (weights zeroed, output β kept)" if neutral else ""
+    adds = sorted({a for g in plan.groups for a in g.adds})
+    if adds:
+        kept += f"; removed through {len(adds)} add{'s' if len(adds) > 1 else ''} (every member constant)"
     if all(g.exact for g in plan.groups):
         return f"removal: exact — the pruned model computes the same function{kept}"
     where = sorted({w for g in plan.groups for w in g.inexact})

@@ -260,3 +260,38 @@ def test_zero_estimates_are_bounded_and_a_zero_compute_core_makes_the_estimate_i
     mvau.update(LUT=0.0, BRAM_18K=0.0, URAM=0.0, DSP=0.0)
     fit = fpga_verdicts(broken, profile)["fit"]
     assert fit["verdict"] == "estimate incomplete" and fit["incomplete"] == [mvau["layer"]]
+
+
+def test_thresholds_rounded_in_one_pass_give_finns_own_result():
+    """finn_steps' speed-up of FINN's RoundAndClipThresholds (all MultiThresholds at once instead of one per pass)
+    leaves the same thresholds and threshold data types as FINN's own transformation."""
+    import numpy as np
+    from onnx import TensorProto, helper
+    from qonnx.core.datatype import DataType
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.util.basic import qonnx_make_model
+
+    from pfq_edge.export.device.finn_steps import _thresholds_rounded_in_one_pass
+    from finn.transformation.streamline.round_thresholds import RoundAndClipThresholds
+
+    def model():
+        nodes = [helper.make_node("MultiThreshold", [f"x{i}", f"t{i}"], [f"x{i + 1}"], domain="qonnx.custom_op.general",
+                                  out_dtype="UINT4", name=f"MultiThreshold_{i}") for i in range(3)]
+        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2]) for n in ("x0", "x3")]
+        m = ModelWrapper(qonnx_make_model(helper.make_graph(nodes, "g", io[:1], io[1:])))
+        rng = np.random.default_rng(0)
+        for i in range(3):
+            m.set_initializer(f"t{i}", rng.uniform(-20, 30, (2, 15)).astype(np.float32))
+        m.set_tensor_datatype("x0", DataType["INT4"])
+        for i in (1, 2):
+            m.set_tensor_datatype(f"x{i}", DataType["UINT4"])
+        return m
+
+    ref = model().transform(RoundAndClipThresholds())
+    with _thresholds_rounded_in_one_pass():
+        ours = model().transform(RoundAndClipThresholds())
+    for i in range(3):
+        assert np.array_equal(ours.get_initializer(f"t{i}"), ref.get_initializer(f"t{i}"))
+        assert ours.get_tensor_datatype(f"t{i}") == ref.get_tensor_datatype(f"t{i}")
+    assert not np.array_equal(ref.get_initializer("t0"), model().get_initializer("t0"))  # there was work to do
+    assert RoundAndClipThresholds.apply.__qualname__ == "RoundAndClipThresholds.apply"  # FINN's own, restored

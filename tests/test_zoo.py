@@ -17,6 +17,19 @@ def test_shipped_default_model_reaches_its_stated_accuracy(test_split):
     assert "examples/train_fashion_mnist.py" in meta["command"]
 
 
+@pytest.mark.parametrize("name", ["fashion-mbv2", "fashion-resnet"])
+def test_residual_zoo_models_reach_their_stated_accuracy_with_their_constant_filters(name, test_split):
+    from pfq_edge.pfq.criterion import constant_mask
+
+    meta = json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
+    loaded = load_model(name)
+    assert loaded.input_shape == (1, 28, 28)
+    assert accuracy(loaded.module, test_split) == pytest.approx(meta["test_top1"], abs=2e-4)
+    bns = [m for m in loaded.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert sum(int(constant_mask(m).sum()) for m in bns) == meta["constant_filters_exact_rule"] > 0
+    assert meta["recipe"]["optimizer"] == "sgd" and f"--arch {name}" in meta["command"]
+
+
 def test_module_factory_spec(tmp_path):
     loaded = load_model("pfq_edge.zoo:fashion_dscnn", weights=WEIGHTS_DIR / "fashion-dscnn.safetensors")
     assert isinstance(loaded.module, torch.nn.Module) and not loaded.module.training

@@ -30,12 +30,63 @@ def step_pfq_streamline_branchy(model, cfg):
     from qonnx.transformation.infer_data_layouts import InferDataLayouts
     from qonnx.transformation.infer_datatypes import InferDataTypes
 
-    model = step_resnet_streamline(model, cfg)
-    if model.get_nodes_by_op_type("GlobalAveragePool"):
-        model = model.transform(InferGlobalAccPoolLayer()).transform(InferDataTypes())
-        model = model.transform(AbsorbMulIntoMultiThreshold()).transform(StreamlinePlus())
+    with _thresholds_rounded_in_one_pass():
+        model = step_resnet_streamline(model, cfg)
+        if model.get_nodes_by_op_type("GlobalAveragePool"):
+            model = model.transform(InferGlobalAccPoolLayer()).transform(InferDataTypes())
+            model = model.transform(AbsorbMulIntoMultiThreshold()).transform(StreamlinePlus())
     # as FINN's own step_streamline does for max pooling, then the transposes left before a flatten
     for t in (MakeMaxPoolNHWC(), AbsorbTransposeIntoMultiThreshold(), MakeMaxPoolNHWC(),
               AbsorbConsecutiveTransposes(), InferDataLayouts(), AbsorbTransposeIntoFlatten()):
         model = model.transform(t)
     return model.transform(InferDataLayouts()).transform(RemoveUnusedTensors())
+
+
+def _round_integer_thresholds(model) -> bool:
+    """Round every MultiThreshold's thresholds on an integer input up and clip them to the input range — the
+    formula of FINN's RoundAndClipThresholds for that case, applied to all nodes at once. Returns whether any
+    changed."""
+    import numpy as np
+
+    changed = False
+    for node in model.graph.node:
+        if node.op_type != "MultiThreshold":
+            continue
+        thresholds = model.get_initializer(node.input[1])
+        dtype = model.get_tensor_datatype(node.input[0])
+        if thresholds is None or not dtype.is_integer():
+            continue
+        new = np.clip(np.ceil(thresholds), dtype.min(), dtype.max() + 1).astype(np.float32)
+        if np.any(new != thresholds):
+            model.set_initializer(node.input[1], new)
+            changed = True
+    return changed
+
+
+class _thresholds_rounded_in_one_pass:
+    """Inside the block, FINN's RoundAndClipThresholds first rounds all MultiThresholds at once.
+
+    Why: FINN's own apply stops after the first node whose thresholds change and reports the graph changed, so
+    StreamlinePlus re-runs its whole exhaustive streamlining once per threshold node (EfficientNet-Lite0: hundreds of
+    rounds, > 20 minutes). With every threshold rounded first, FINN's apply finds nothing left to round, sets the
+    threshold data types of all nodes in one pass, and the change is still reported, so streamlining runs once more
+    as it would have. A threshold's rounding depends only on its own input's data type, which no other node's
+    rounding changes, so the result is the same."""
+
+    def __enter__(self):
+        from finn.transformation.streamline.round_thresholds import RoundAndClipThresholds
+
+        self.cls, self.original = RoundAndClipThresholds, RoundAndClipThresholds.apply
+        original = self.original
+
+        def apply(transformation, model):
+            changed = _round_integer_thresholds(model)
+            model, modified = original(transformation, model)
+            return model, modified or changed
+
+        RoundAndClipThresholds.apply = apply
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.apply = self.original
+        return False

@@ -61,3 +61,20 @@ def test_concat_with_constant_filters_compiles(concat_weights, tmp_path, target)
         config = json.loads((out / "finn_build" / "dataflow_build_config.json").read_text())
         assert "finn_steps.step_pfq_streamline_branchy" in config["steps"] and "step_streamline" not in config["steps"]
         assert (out / "finn_build" / "finn_steps.py").is_file()
+
+
+def test_the_mobilenetv2_zoo_model_compiles_for_fpga_with_finn_golden_checks(tmp_path):
+    """fashion-mbv2 (inverted residual blocks, identity adds, ReLU6, global average pooling; 52 constant filters,
+    every one of them removed): PfQ exact, FINN streams its forks and joins, and FINN's own graphs match QONNX."""
+    out = tmp_path / "mbv2"
+    proc = run("compile", "--target", "fpga", "--model", "fashion-mbv2", "--epochs", "0", "--out", out)
+    assert proc.returncode in (0, 9), proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    prune = report["stages"]["prune"]
+    assert prune["exact"] and prune["filters_removed"] == 104 and prune["golden"]["max_abs_diff"] <= 1e-4
+    estimate = report["stages"]["estimate"]
+    kinds = {row["layer"].rsplit("_", 2)[0] for row in estimate["layers"]}
+    assert {"DuplicateStreams", "ElementwiseAdd", "GlobalAccPool", "VVAU", "MVAU"} <= kinds
+    assert [g["stage"].split(" vs")[0] for g in estimate["golden"]] == [
+        "FINN graph after step_qonnx_to_finn", "FINN graph after streamlining", "FINN graph after step_convert_to_hw"]
+    assert all(g["passed"] for g in estimate["golden"]) and estimate["verdicts"]["fit"]["verdict"] == "fits"

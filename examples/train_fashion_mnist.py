@@ -28,7 +28,7 @@ from pfq_edge.io import atomic_write_bytes, atomic_write_text
 from pfq_edge.train import TrainConfig, accuracy, set_seed, train
 from pfq_edge.zoo import fashion_dscnn, fashion_mbv2, fashion_resnet
 
-ARCHITECTURES = {"fashion-dscnn": None, "fashion-mbv2": fashion_mbv2, "fashion-resnet": fashion_resnet}
+ARCHITECTURES = {"fashion-dscnn": fashion_dscnn, "fashion-mbv2": fashion_mbv2, "fashion-resnet": fashion_resnet}
 
 
 def main() -> None:
@@ -89,7 +89,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     atomic_write_text(args.out / f"{args.name}.json", json.dumps(meta, indent=2) + "\n")
-    print(json.dumps({k: meta[k] for k in ("test_top1", "bn_channels_running_var_zero", "constant_filters_exact_rule", "wall_s")}))
+    print(json.dumps({k: meta[k] for k in ("test_top1", "bn_channels_running_var_zero", "constant_filters_exact_rule",
+                                           "wall_s")}))
 
 
 if __name__ == "__main__":

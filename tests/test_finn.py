@@ -15,13 +15,19 @@ from pfq_edge.targets.backends.finn.fit import board_capacity, fpga_verdicts
 from pfq_edge.targets.profile import load_profile
 
 
+def fpga_qonnx(model, images, path):
+    """``model`` (its BN statistics randomized) quantized with the fpga profile, calibrated on ``images`` and
+    exported to QONNX at ``path``; returns the path."""
+    qm = quantize_model(randomize_bn(model), load_profile("fpga").quant)
+    calibrate(qm, images)
+    return export_qonnx(qm, images[:1], path)
+
+
 @pytest.fixture(scope="module")
 def estimate(tmp_path_factory, images):
     profile = load_profile("fpga")
-    qm = quantize_model(randomize_bn(tiny_dscnn()), profile.quant)
-    calibrate(qm, images)
     work = tmp_path_factory.mktemp("finn")
-    path = export_qonnx(qm, images[:1], work / "m.onnx")
+    path = fpga_qonnx(tiny_dscnn(), images, work / "m.onnx")
     return profile, finn_estimate(path, profile.fpga, profile.quant.input_bit_width, work / "build")
 
 
@@ -58,9 +64,7 @@ def test_folding_file_instead_of_target_fps(estimate, tmp_path, images):
     folding = tmp_path / "folding.json"
     folding.write_text(json.dumps(est.folding))
     fpga = profile.fpga.model_copy(update={"target_fps": None, "folding_file": str(folding)})
-    qm = quantize_model(randomize_bn(tiny_dscnn()), profile.quant)
-    calibrate(qm, images)
-    path = export_qonnx(qm, images[:1], tmp_path / "m.onnx")
+    path = fpga_qonnx(tiny_dscnn(), images, tmp_path / "m.onnx")
     again = finn_estimate(path, fpga, profile.quant.input_bit_width, tmp_path / "build")
     assert again.max_cycles == est.max_cycles and again.critical_path_cycles == est.critical_path_cycles
 
@@ -86,9 +90,7 @@ def test_residual_add_after_relus_maps_to_finn(tmp_path, images):
 
     profile = load_profile("fpga")
     torch.manual_seed(0)
-    qm = quantize_model(randomize_bn(Residual().eval()), profile.quant)
-    calibrate(qm, images)
-    path = export_qonnx(qm, images[:1], tmp_path / "r.onnx")
+    path = fpga_qonnx(Residual().eval(), images, tmp_path / "r.onnx")
     est = finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / "build")
     kinds = {row["layer"].rsplit("_", 2)[0] for row in est.layers}
     assert {"DuplicateStreams", "ElementwiseAdd", "MVAU"} <= kinds and est.throughput_fps > 0
@@ -105,9 +107,7 @@ def test_a_model_finn_cannot_map_is_refused_before_the_build_with_the_node_named
                           nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.LeakyReLU(0.1),
                           nn.MaxPool2d(28), nn.Flatten(), nn.Linear(8, 10)).eval()
     profile = load_profile("fpga")
-    qm = quantize_model(randomize_bn(model), profile.quant)
-    calibrate(qm, images)
-    path = export_qonnx(qm, images[:1], tmp_path / "l.onnx")
+    path = fpga_qonnx(model, images, tmp_path / "l.onnx")
     with pytest.raises(ToolchainError, match=r"FINN cannot map 1 node .*before the build.*LeakyRelu_0 "
                                              r"\(LeakyRelu\): a float activation"):
         finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / "build")
@@ -125,9 +125,7 @@ def test_a_node_left_unmapped_by_finns_conversion_is_named_with_its_reason(tmp_p
                           nn.Upsample(scale_factor=2), nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
                           nn.ReLU(), nn.MaxPool2d(28), nn.Flatten(), nn.Linear(8, 10)).eval()
     profile = load_profile("fpga")
-    qm = quantize_model(randomize_bn(model), profile.quant)
-    calibrate(qm, images)
-    path = export_qonnx(qm, images[:1], tmp_path / "u.onnx")
+    path = fpga_qonnx(model, images, tmp_path / "u.onnx")
     with pytest.raises(ToolchainError, match=r"did not map 1 node to HW layers \(after step_convert_to_hw\): "
                                              r"Resize_0 \(Resize\): FINN's UpsampleNearestNeighbour"):
         finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / "build")
@@ -234,9 +232,7 @@ def test_a_finn_build_that_does_not_finish_is_stopped_with_its_step_named(tmp_pa
     from pfq_edge.targets.backends.finn import driver
 
     profile = load_profile("fpga")
-    qm = quantize_model(randomize_bn(tiny_dscnn()), profile.quant)
-    calibrate(qm, images)
-    path = export_qonnx(qm, images[:1], tmp_path / "m.onnx")
+    path = fpga_qonnx(tiny_dscnn(), images, tmp_path / "m.onnx")
     monkeypatch.setattr(driver, "FINN_TIME_LIMIT_S", 1)  # a transformation loop, as FINN's streamlining can spin
     with pytest.raises(ToolchainError, match=r"stopped: step_\w+ did not finish within 1 s") as err:
         finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / "build")

@@ -7,6 +7,8 @@ pfq-edge runs it in its estimate; ``finn_build/`` ships this file so that FINN's
 dotted name (run ``PYTHONPATH=. finn build …`` in that folder).
 """
 
+import contextlib
+
 
 def step_pfq_clip_thresholds(model, cfg):
     from finn.transformation.streamline.round_thresholds import RoundAndClipThresholds
@@ -63,7 +65,8 @@ def _round_integer_thresholds(model) -> bool:
     return changed
 
 
-class _thresholds_rounded_in_one_pass:
+@contextlib.contextmanager
+def _thresholds_rounded_in_one_pass():
     """Inside the block, FINN's RoundAndClipThresholds first rounds all MultiThresholds at once.
 
     Why: FINN's own apply stops after the first node whose thresholds change and reports the graph changed, so
@@ -72,21 +75,17 @@ class _thresholds_rounded_in_one_pass:
     threshold data types of all nodes in one pass, and the change is still reported, so streamlining runs once more
     as it would have. A threshold's rounding depends only on its own input's data type, which no other node's
     rounding changes, so the result is the same."""
+    from finn.transformation.streamline.round_thresholds import RoundAndClipThresholds
 
-    def __enter__(self):
-        from finn.transformation.streamline.round_thresholds import RoundAndClipThresholds
+    original = RoundAndClipThresholds.apply
 
-        self.cls, self.original = RoundAndClipThresholds, RoundAndClipThresholds.apply
-        original = self.original
+    def apply(transformation, model):
+        changed = _round_integer_thresholds(model)
+        model, modified = original(transformation, model)
+        return model, modified or changed
 
-        def apply(transformation, model):
-            changed = _round_integer_thresholds(model)
-            model, modified = original(transformation, model)
-            return model, modified or changed
-
-        RoundAndClipThresholds.apply = apply
-        return self
-
-    def __exit__(self, *exc):
-        self.cls.apply = self.original
-        return False
+    RoundAndClipThresholds.apply = apply
+    try:
+        yield
+    finally:
+        RoundAndClipThresholds.apply = original

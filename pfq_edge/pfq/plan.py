@@ -169,12 +169,11 @@ class _Walker:
     """Follows removed channels from a producer to every consumer, collecting removals and compensations."""
 
     def __init__(self, gm: fx.GraphModule, ctx: "_Context"):
-        self.gm, self.shared, self.crit = gm, ctx.shared, (ctx.tol, ctx.rule)
+        self.gm, self.ctx, self.shared = gm, ctx, ctx.shared
         self.removals: list[Removal] = []
         self.compensations: list[Compensation] = []
         self.inexact: list[str] = []  # where a non-zero constant meets zero padding (the output would change there)
         self.adds: list[fx.Node] = []  # adds crossed: each is walked on from once
-        self.chains = ctx.chains
 
     @property
     def exact(self) -> bool:
@@ -261,21 +260,17 @@ class _Walker:
         """Constant values on ``index``'s channels of ``node``, a member of add ``via``: a conv → BN chain's output
         whose filters there are constant (removed here), an activation of such a value, or another add of them. Its
         other readers are walked (they lose the channel). Raises _Unsupported otherwise."""
-        tol, rule = self.crit
-        chain = self.chains.get(node)
+        chain = self.ctx.chains.get(node)
         channels = {c: p for c, (p,) in index.items()}
         if chain is not None and chain.bn is not None:
             self._check_shared(chain.conv, chain.bn)
             conv, bn = self.gm.get_submodule(chain.conv), self.gm.get_submodule(chain.bn)
             if conv.groups > 1:
                 raise _Unsupported(f"add {via.name!r} has a member from the grouped conv {chain.conv!r}")
-            mask = constant_mask(bn, tol, rule)
+            mask = constant_mask(bn, self.ctx.tol, self.ctx.rule)
             if not all(bool(mask[p]) for p in channels.values()):
                 raise _Unsupported(f"it reaches add {via.name!r}, whose member {chain.conv!r} is not constant there")
-            beta = bn.bias.detach() if bn.bias is not None else torch.zeros(bn.num_features)
-            values = {c: float(beta[p]) for c, p in channels.items()}
-            if chain.act_fn is not None:
-                values = {c: _apply(chain.act_fn, v) for c, v in values.items()}
+            values = _chain_constants(bn, chain, channels)
             self.removals.append(Removal(chain.conv, chain.bn, sorted(set(channels.values()))))
         elif _is_add(node) and node not in self.adds:
             self.adds.append(node)
@@ -353,6 +348,13 @@ def _apply(act: nn.Module, v: float) -> float:
         return float(act(torch.tensor([v], dtype=torch.float32))[0])
 
 
+def _chain_constants(bn: nn.BatchNorm2d, chain: Chain, channels: dict[int, int]) -> dict[int, float]:
+    """{key: a} for each constant filter ``channels[key]`` of ``chain``: its BN's β, through the chain's activation."""
+    beta = bn.bias.detach() if bn.bias is not None else torch.zeros(bn.num_features)
+    values = {c: float(beta[p]) for c, p in channels.items()}
+    return {c: _apply(chain.act_fn, v) for c, v in values.items()} if chain.act_fn is not None else values
+
+
 def _bn_value(bn: nn.BatchNorm2d, c: int, x: float) -> float:
     gamma = float(bn.weight[c]) if bn.weight is not None else 1.0
     beta = float(bn.bias[c]) if bn.bias is not None else 0.0
@@ -398,9 +400,10 @@ class _Context:
 def _plan(gm: fx.GraphModule, tol: float, rule: str, padded: str) -> PrunePlan:
     plan = PrunePlan(tol=tol, rule=rule)
     shared = {name for name, n in call_counts(gm).items() if n > 1}
-    ctx = _Context(shared, tol, rule, {c.out: c for c in conv_chains(gm)})
+    chains = conv_chains(gm)
+    ctx = _Context(shared, tol, rule, {c.out: c for c in chains})
     removed: dict[str, set[int]] = {}  # channels already deleted through an earlier group
-    for chain in conv_chains(gm):
+    for chain in chains:
         if chain.bn is None:
             continue
         bn = gm.get_submodule(chain.bn)
@@ -460,10 +463,7 @@ def _keep_exact(gm, chain: Chain, bn: nn.BatchNorm2d, group: PruneGroup, ctx: _C
 def _plan_group(gm, chain: Chain, bn: nn.BatchNorm2d, channels: list[int], ctx: _Context) -> PruneGroup:
     walker = _Walker(gm, ctx)
     walker._check_shared(chain.conv, chain.bn)
-    beta = bn.bias.detach() if bn.bias is not None else torch.zeros(bn.num_features)
-    values = {c: float(beta[c]) for c in channels}
-    if chain.act_fn is not None:
-        values = {c: _apply(chain.act_fn, v) for c, v in values.items()}
+    values = _chain_constants(bn, chain, {c: c for c in channels})
     conv = gm.get_submodule(chain.conv)
     if conv.groups > 1 and not is_depthwise(conv):
         raise _Unsupported(f"{chain.conv!r} is a grouped conv: removing a filter would unbalance its groups")

@@ -131,7 +131,7 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
 
     lint.preflight(ModelWrapper(str(model_path)))
     log_path = out_dir / "build.log"
-    failure: list[str] = []  # describe_failure's line for the step that raised, if one did
+    failure: list = []  # why the step that raised did: our own check's ToolchainError, or describe_failure's line
     with progress_bar("FINN estimate build", total=None) as advance, open(log_path, "a") as log, \
             contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
             finn_session(build_dir) as (build_dataflow, config), _time_limit(FINN_TIME_LIMIT_S) as step:
@@ -167,11 +167,11 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
             raise
         except Exception as exc:  # FINN re-raises under pytest; otherwise it returns -1 (handled below)
             log.flush()
-            why = failure[0] if failure else first_line(exc, 200)
+            why = str(failure[0]) if failure else first_line(exc, 200)
             raise ToolchainError(f"FINN estimate build failed in {why} (FINN's log: {_keep_log(log_path)})") from None
     if rc != 0:
-        if failure and failure[0].startswith(_OWN_CHECK):
-            raise ToolchainError(failure[0][len(_OWN_CHECK):])
+        if failure and isinstance(failure[0], ToolchainError):
+            raise failure[0]
         kept = _keep_log(log_path)
         why = failure[0] if failure else finn_error(log_path)
         raise ToolchainError(f"FINN estimate build failed in {why} (FINN's log: {kept})")
@@ -255,9 +255,6 @@ def _time_limit(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-_OWN_CHECK = "pfq-edge: "  # marks a failure line that is one of our checks, not FINN's exception
-
-
 def _with_progress(step, advance, current: list, failure: list):
     """``step`` with the progress bar advanced after it, its name kept in ``current`` (for the time limit), and —
     when it raises — the line describing why put in ``failure`` (FINN's builder logs the exception and returns -1,
@@ -272,7 +269,7 @@ def _with_progress(step, advance, current: list, failure: list):
             if step.__name__ == "step_convert_to_hw":
                 lint.check_conversion(result)
         except ToolchainError as exc:
-            failure[:] = [_OWN_CHECK + str(exc)]
+            failure[:] = [exc]
             raise
         except Exception as exc:
             failure[:] = [lint.describe_failure(exc, step.__name__)]

@@ -132,13 +132,8 @@ def describe_failure(exc: BaseException, step: str) -> str:
     or ``node`` in the failing frames, innermost first), the exception, and for a bare assertion its source line."""
     frames = traceback.extract_tb(exc.__traceback__)
     node = None
-    tb = exc.__traceback__
-    locals_chain = []
-    while tb is not None:
-        locals_chain.append(tb.tb_frame.f_locals)
-        tb = tb.tb_next
-    for f_locals in reversed(locals_chain):
-        candidate = getattr(f_locals.get("self"), "onnx_node", None) or f_locals.get("node")
+    for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
+        candidate = getattr(frame.f_locals.get("self"), "onnx_node", None) or frame.f_locals.get("node")
         if getattr(candidate, "op_type", None) and getattr(candidate, "name", None) is not None:
             node = candidate
             break

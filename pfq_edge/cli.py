@@ -149,8 +149,10 @@ def compile_cmd(
     bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction",
                                                    show_default=False, help="Bias correction after calibration "
                                                                             "(profile; off)."),
-    pfq_rule: Optional[str] = typer.Option(None, "--pfq-rule", help="exact (default) | bn-epsilon (guarded "
-                                                                     "approximation) | off."),
+    pfq_rule: Optional[str] = typer.Option(None, "--pfq-rule", help="exact (default) | bn-epsilon | near-constant "
+                                                                     "(both guarded approximations) | off."),
+    scale_init: Optional[str] = typer.Option(None, "--scale-init", help="Learned quantization scales start from "
+                                                                         "stats (max / percentile) | mse (profile)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="QAT fine-tuning epochs, 0 skips it (profile; 2)."),
     train_samples: Optional[int] = typer.Option(None, "--train-samples",
                                                 help="Training images per fine-tuning epoch, 0 = all (profile; 0)."),
@@ -198,7 +200,7 @@ def compile_cmd(
     overrides = {
         "quant": {"weight_bit_width": weight_bits, "act_bit_width": act_bits, "weight_granularity": granularity,
                   "first_layer_weight_bit_width": first_layer_bits, "last_layer_weight_bit_width": last_layer_bits,
-                  "bn": bn, "equalize": equalize, "bias_correction": bias_correction},
+                  "bn": bn, "equalize": equalize, "bias_correction": bias_correction, "scale_init": scale_init},
         "pfq": {"rule": pfq_rule},
         "finetune": {"epochs": epochs, "train_samples": train_samples, "lr": lr, "schedule": schedule,
                      "seed": seed, "distill_alpha": distill, "validation_images": val_images, "patience": patience},
@@ -321,6 +323,12 @@ def _bits_for(target: str, bits: Optional[int]) -> int:
     return bits if bits is not None else load_profile(target).quant.weight_bit_width
 
 
+def _act_bits_for(target: str, act_bits: Optional[int]) -> int:
+    from pfq_edge.targets.profile import load_profile
+
+    return act_bits if act_bits is not None else load_profile(target).quant.act_bit_width
+
+
 @app.command("analyze")
 def analyze_cmd(
     model: str = typer.Argument(..., help="Zoo name (e.g. efficientnet-lite0), package.module:factory, or a pruned "
@@ -333,7 +341,11 @@ def analyze_cmd(
     bits: Optional[int] = typer.Option(None, "--bits", min=2, max=8, help="Weight bit width (overrides --target)."),
     tol: float = typer.Option(1e-6, "--tol", min=0.0, help="Post-BN std at or below which a filter is constant."),
     rule: str = typer.Option("exact", "--rule", help="PfQ rule: exact (post-BN std ≤ --tol) | bn-epsilon "
-                                                     "(also σ² ≤ ε: an approximation, check it with data)."),
+                                                     "(also σ² ≤ ε) | near-constant (below a quantization step at "
+                                                     "--act-bits); the last two approximate: check them with data."),
+    act_bits: Optional[int] = typer.Option(None, "--act-bits", min=2, max=8,
+                                           help="Activation bit width of rule near-constant (default: the fpga "
+                                                "profile's, or --target's)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of folded-weight range per layer."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ) -> None:
@@ -348,7 +360,7 @@ def analyze_cmd(
     loaded = load_model(model, weights, _model_args(model_arg))
     shape = _input_shape(loaded, input_shape)
     _, analysis = analyze_pfq(loaded.module, torch.zeros(1, *shape), bits=_bits_for(target, bits), tol=tol,
-                              rule=rule)
+                              rule=rule, act_bits=_act_bits_for(target, act_bits))
     if plot is not None:
         from pfq_edge.plots import plot_folded_ranges
 
@@ -375,8 +387,9 @@ def _removal_kind(plan) -> str:
         return f"removal: exact — the pruned model computes the same function{kept}"
     where = sorted({w for g in plan.groups for w in g.inexact})
     padding = f"constants meet zero padding in {', '.join(where[:3])}" if where else ""
-    why = ("σ² ≤ ε filters replaced by their mean β" + (f"; {padding}" if padding else "")
-           if plan.rule == "bn-epsilon" else padding or "see the JSON's groups")
+    replaced = {"bn-epsilon": "σ² ≤ ε filters replaced by their mean β",
+                "near-constant": "filters below a quantization step replaced by act(β)"}.get(plan.rule)
+    why = (replaced + (f"; {padding}" if padding else "") if replaced else padding or "see the JSON's groups")
     return f"removal: APPROXIMATE — {why}{kept}; check it on your images (prune --check N)"
 
 
@@ -394,7 +407,8 @@ def _print_analysis(model: str, a, plot: Optional[Path]) -> None:
                       f"{r['zero_fraction_before']:.0%}→{r['zero_fraction_after']:.0%}")
     console = _console()
     console.print(table)
-    rule = f"post-BN std ≤ {a.plan.tol:g}" if a.plan.rule == "exact" else "rule bn-epsilon: σ² ≤ ε"
+    rule = {"exact": f"post-BN std ≤ {a.plan.tol:g}", "bn-epsilon": "rule bn-epsilon: σ² ≤ ε",
+            "near-constant": "rule near-constant: activation band under half a step"}[a.plan.rule]
     console.print(f"constant filters ({rule}): {a.constant_total}; removed {a.constant_removed}; "
                   f"left {a.constant_total - a.constant_removed}. Filters removed in all layers: "
                   f"{a.plan.filters_removed}.")
@@ -418,7 +432,11 @@ def prune_cmd(
                                                                           "the model)."),
     tol: float = typer.Option(1e-6, "--tol", min=0.0, help="Post-BN std at or below which a filter is constant."),
     rule: str = typer.Option("exact", "--rule", help="PfQ rule: exact (post-BN std ≤ --tol) | bn-epsilon "
-                                                     "(also σ² ≤ ε: an approximation, check it with data)."),
+                                                     "(also σ² ≤ ε) | near-constant (below a quantization step at "
+                                                     "--act-bits); the last two approximate: check them with data."),
+    act_bits: Optional[int] = typer.Option(None, "--act-bits", min=2, max=8,
+                                           help="Activation bit width of rule near-constant (default: the fpga "
+                                                "profile's, or --target's)."),
     check: int = typer.Option(0, "--check", min=0, help="Compare pruned vs original logits on this many test "
                                                          "images of --data."),
     data: Optional[str] = _shared("data"),
@@ -448,7 +466,8 @@ def prune_cmd(
         spec = _fashion_mnist_as(loaded, data_dir)
     dataset = _check_data(loaded, spec, model) if check else None
     shape = tuple(dataset.shape) if dataset is not None else _input_shape(loaded, input_shape)
-    pruned, analysis = analyze_pfq(loaded.module, torch.zeros(1, *shape), tol=tol, rule=rule)
+    pruned, analysis = analyze_pfq(loaded.module, torch.zeros(1, *shape), tol=tol, rule=rule,
+                                   act_bits=_act_bits_for("fpga", act_bits))
     result = {"model": model, "out": str(out), "rule": rule, "filters_removed": analysis.plan.filters_removed,
               "constant_total": analysis.constant_total, "constant_left": analysis.constant_left,
               "exact": all(g.exact for g in analysis.plan.groups)}

@@ -59,7 +59,7 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
     import brevitas.nn as qnn
     from brevitas.graph.quantize import (COMPUTE_LAYER_MAP, QUANT_ACT_MAP, QUANT_IDENTITY_MAP,
                                          preprocess_for_quantize, quantize)
-    from brevitas.quant import Int8WeightPerChannelFloat, Int8WeightPerTensorFloat, Int32Bias
+    from brevitas.quant import Int32Bias
 
     from pfq_edge.pfq.graph import call_counts
 
@@ -70,7 +70,7 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
     for name, count in call_counts(gm).items():
         if count > 1 and isinstance(gm.get_submodule(name), nn.modules.batchnorm._BatchNorm):
             raise ModelError(f"BatchNorm {name!r} is used at {count} call sites; it cannot be folded into one conv")
-    weight_quant = Int8WeightPerTensorFloat if spec.weight_granularity == "per-tensor" else Int8WeightPerChannelFloat
+    weight_quant, act_quant = _quantizers(spec)
     compute_map = {}
     for layer, entry in COMPUTE_LAYER_MAP.items():
         if entry is None or layer not in (nn.Conv2d, nn.Linear):
@@ -81,6 +81,12 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
                                     "bias_quant": Int32Bias if spec.bias == "int32" else None, **_LEARNED_SCALE})
     act_map = {k: (cls, {**kw, "bit_width": spec.act_bit_width}) for k, (cls, kw) in QUANT_ACT_MAP.items()}
     identity_map = {k: (cls, {**kw, "bit_width": spec.act_bit_width}) for k, (cls, kw) in QUANT_IDENTITY_MAP.items()}
+    if act_quant is not None:  # MSE-initialised scales: ReLU and ReLU6 alike (the quantizer's range clips at 6)
+        for act in (nn.ReLU, nn.ReLU6):
+            act_map[act] = (qnn.QuantReLU, {"act_quant": act_quant["unsigned"], "return_quant_tensor": True,
+                                            "bit_width": spec.act_bit_width})
+        for sign, (cls, kw) in identity_map.items():
+            identity_map[sign] = (cls, {**kw, "act_quant": act_quant[sign]})
 
     # Brevitas traces with its own tracer (its BN-merge patterns rely on it); work on a copy: folding is in place.
     gm = preprocess_for_quantize(copy.deepcopy(model).eval(), trace_model=True, relu6_to_relu=False,
@@ -101,6 +107,18 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
     _set_edge_layer_bits(qm, spec)
     qm.eval()
     return qm
+
+
+def _quantizers(spec):
+    """The weight quantizer and, for ``scale_init`` "mse", the signed/unsigned activation quantizers (None: keep
+    Brevitas' per-activation defaults)."""
+    from brevitas import quant as bq
+
+    per_tensor = spec.weight_granularity == "per-tensor"
+    if spec.scale_init == "mse":
+        weight = bq.Int8WeightPerTensorFloatMSE if per_tensor else bq.Int8WeightPerChannelFloatMSE
+        return weight, {"signed": bq.Int8ActPerTensorFloatMSE, "unsigned": bq.Uint8ActPerTensorFloatMSE}
+    return (bq.Int8WeightPerTensorFloat if per_tensor else bq.Int8WeightPerChannelFloat), None
 
 
 def _normalization_output(gm: fx.GraphModule):

@@ -203,10 +203,13 @@ def prune_section(prune: dict) -> list[str]:
     if rule == "off":
         return ["## PfQ", "", "Rule `off`: no filter removed (plain quantization-aware fine-tuning).", ""]
     check = prune.get("golden") or prune.get("guard") or {}
-    where = "calibration" if rule == "bn-epsilon" else "test"
+    where = "test" if rule == "exact" else "calibration"
+    approx = {"bn-epsilon": "running_var ≤ ε treated as constant and replaced by β",
+              "near-constant": "filters whose activation band (β ± 3 post-BN std) is under half a quantization step "
+                               "at the activation bit width replaced by act(β)"}
     text = ("post-BN std ≤ %g (exact; design.md §2)" % prune.get("tol") if rule == "exact" else
-            "bn-epsilon: running_var ≤ ε treated as constant and replaced by β (approximate; guarded by top-1 "
-            f"agreement ≥ {pct(check.get('min_agreement'))} on the calibration images)")
+            f"{rule}: {approx.get(rule, rule)} (approximate; guarded by top-1 agreement ≥ "
+            f"{pct(check.get('min_agreement'))} on the calibration images)")
     out = ["## PfQ: constant filters removed", "",
            f"Rule: {text}. Filters removed: **{prune.get('filters_removed', 0)}**. Output change on "
            f"{check.get('images')} {where} images: max |Δlogit| {check.get('max_abs_diff', 0):.3g}, top-1 agreement "

@@ -235,19 +235,19 @@ class PruneResult(StepResult):
 def prune_golden_check(stage: str, reference, candidate, rule: str, min_agreement: float | None = None) -> GoldenResult:
     """Pruned vs original float logits, judged alike by compile and ``prune --check``: rule "exact" — every image
     within 1e-4 (the removal keeps the function: constants that meet zero padding are neutralized, not removed);
-    rule "bn-epsilon" — top-1 agreement ≥ ``min_agreement`` (the profile's pfq.min_agreement; default the
-    table's). Raises GoldenCheckError."""
+    rules "bn-epsilon" and "near-constant" (approximations) — top-1 agreement ≥ ``min_agreement`` (the profile's
+    pfq.min_agreement; default the table's). Raises GoldenCheckError."""
     from pfq_edge.golden import check
 
     if rule == "exact":
         return check("prune exact", stage, reference, candidate)
-    return check("bn-epsilon guard", stage, reference, candidate, min_agreement=min_agreement)
+    return check(f"{rule} guard", stage, reference, candidate, min_agreement=min_agreement)
 
 
 def prune(c: Compilation) -> PruneResult:
     """PfQ with the profile's rule: find constant filters, remove them with compensation, check the pruned float
-    model — rule "exact": golden check on the test images; rule "bn-epsilon": the data guard on the calibration
-    images (top-1 agreement ≥ pfq.min_agreement); rule "off": nothing removed."""
+    model — rule "exact": golden check on the test images; rules "bn-epsilon", "near-constant": the data guard on
+    the calibration images (top-1 agreement ≥ pfq.min_agreement); rule "off": nothing removed."""
     from pfq_edge.train import predict, top1
 
     pfq, test = c.profile.pfq, c.data.test
@@ -257,11 +257,11 @@ def prune(c: Compilation) -> PruneResult:
     exact = all(g.exact for g in analysis.plan.groups)
     result = PruneResult(rule=pfq.rule, filters_removed=analysis.plan.filters_removed,
                          constant_total=analysis.constant_total, exact=exact, analysis=analysis.as_dict())
-    if pfq.rule == "bn-epsilon":
+    if pfq.rule != "exact":
         calib = c.data.train.take(CALIBRATION_IMAGES).images
-        result.guard = prune_golden_check(f"PfQ rule bn-epsilon data guard (pruned vs original float on {len(calib)} "
+        result.guard = prune_golden_check(f"PfQ rule {pfq.rule} data guard (pruned vs original float on {len(calib)} "
                                           f"calibration images)", predict(c.float_model, calib).numpy(),
-                                          predict(c.pruned_model, calib).numpy(), "bn-epsilon", pfq.min_agreement)
+                                          predict(c.pruned_model, calib).numpy(), pfq.rule, pfq.min_agreement)
     pruned_logits = predict(c.pruned_model, test)
     if pfq.rule == "exact":
         ref = c.float_logits if c.float_logits is not None else predict(c.float_model, test)
@@ -281,7 +281,8 @@ def _apply_pfq(c: Compilation):
         c.pruned_model = c.float_model
         return None
     c.pruned_model, analysis = analyze_pfq(c.float_model, c.data.test.take(1).images,
-                                           bits=c.profile.quant.weight_bit_width, tol=pfq.tol, rule=pfq.rule)
+                                           bits=c.profile.quant.weight_bit_width, tol=pfq.tol, rule=pfq.rule,
+                                           act_bits=c.profile.quant.act_bit_width)
     return analysis
 
 
@@ -436,8 +437,8 @@ def _save_finetuned(c: Compilation, state: Path) -> None:
 
 FRONT_END = [
     Step("load", load, reads=("finetune.validation_images",), restore=_restore_load),
-    Step("prune", prune, requires=("load",), reads=("pfq", "quant.weight_bit_width"),
-         golden=("prune exact", "bn-epsilon guard"), restore=_restore_prune),
+    Step("prune", prune, requires=("load",), reads=("pfq", "quant.weight_bit_width", "quant.act_bit_width"),
+         golden=("prune exact", "bn-epsilon guard", "near-constant guard"), restore=_restore_prune),
     Step("quantize", quantize, requires=("prune",), reads=("quant",), restore=_restore_quantize,
          save=_save_qmodel(QUANTIZED_STATE), saves=(QUANTIZED_STATE,)),
     Step("finetune", finetune, requires=("quantize",), reads=("finetune",), restore=_restore_finetune,

@@ -38,6 +38,9 @@ class QuantSpec(_Strict):
     "int32" quantizes them on the accumulator grid, input scale × weight scale (Brevitas ``Int32Bias``), as integer
     runtimes compute them: onnxruntime's QDQ fusions round a float bias to that grid themselves, which moved up to
     20% of top-1 decisions at W4A4 (docs/cpu-gpu.md, "onnxruntime's optimization levels"). The CPU/GPU profiles set "int32".
+    ``scale_init``: how the learned weight and activation scales start — "stats" (Brevitas' defaults: the weights'
+    max |w|, the activations' 99.999th percentile, ReLU6 at 6) or "mse" (the scale that minimises the local
+    quantization MSE, Brevitas' ``*MSE`` quantizers). At 2–3 bits a max-based scale rounds most weights to 0.
     """
 
     weight_bit_width: int = Field(4, ge=2, le=8)
@@ -50,6 +53,7 @@ class QuantSpec(_Strict):
     equalize: bool = False
     bias_correction: bool = False
     bias: Literal["float", "int32"] = "float"
+    scale_init: Literal["stats", "mse"] = "stats"
 
     def label(self) -> str:
         """Short name, e.g. ``W4A4`` or ``W4A4 per-channel``."""

@@ -292,3 +292,45 @@ def test_grouped_conv_consumer_is_left_with_a_reason(images):
         assert torch.allclose(pruned(images), model(images), atol=1e-5)
     assert all(m.weight.shape == p.weight.shape for m, p in zip(model.modules(), pruned.modules())
                if isinstance(m, nn.Conv2d))
+
+
+def test_near_constant_rule_removes_a_dead_filter_and_keeps_an_informative_small_variance_one(images):
+    """Rule near-constant at A4: a filter with running_var 1e-8 (post-BN std ~3e-3, far under a 4-bit step of its
+    layer) is removed and no longer sets the folded range; a σ² ≤ ε filter with an ordinary spread (γ = 1.5) is kept."""
+    from pfq_edge.pfq.analyze import analyze_pfq
+    from pfq_edge.pfq.criterion import post_bn_std
+
+    model = randomize_bn(tiny_dscnn())
+    convs, bns = _layers(model)
+    bn, other = bns[2], bns[4]  # the first two pointwise convs' BNs, each before a ReLU
+    with torch.no_grad():
+        bn.eps = other.eps = 1e-3
+        bn.running_var[3] = 1e-8              # dead: post-BN std γ·sqrt(1e-8 / 1e-3) ≈ 3e-3, folded scale ≈ 32·γ
+        bn.bias[3] = -0.2                     # its constant after the ReLU: 0
+        other.running_var[9] = other.eps / 2  # informative: σ² ≤ ε, γ = 1.5 → post-BN std ≈ 0.87, like the others
+        other.weight[9] = 1.5
+    assert 1e-3 < float(post_bn_std(bn)[3]) < 1e-2 and float(post_bn_std(other)[9]) > 0.5
+    assert not bool(constant_mask(bn)[3])  # the exact rule leaves it: not constant to 1e-6
+    mask = constant_mask(bn, rule="near-constant", act=nn.ReLU(), act_bits=4)
+    assert torch.nonzero(mask).flatten().tolist() == [3]
+    assert not constant_mask(other, rule="near-constant", act=nn.ReLU(), act_bits=4).any()
+    pruned, a = analyze_pfq(model, images[:1], bits=4, rule="near-constant", act_bits=4)
+    row = next(r for r in a.layers if r["layer"] == "6")
+    assert row["constant_filters"] == 1 and row["removed_filters"] == 1
+    assert next(r for r in a.layers if r["layer"] == "12")["constant_filters"] == 0
+    assert row["folded_max_abs_after"] < row["folded_max_abs_before"] / 20  # the dead filter had set the range
+    assert not any(g.exact for g in a.plan.groups)  # an approximation: the prune step guards it with data
+    # the filter is replaced by its constant act(β) = 0: the same function as the model with that filter made
+    # exactly constant (the synthetic statistics do not describe the images, so compare with that model)
+    planted = copy.deepcopy(model)
+    plant_constant(_layers(planted)[0][2], _layers(planted)[1][2], [3], [-0.2])
+    with torch.no_grad():
+        assert torch.allclose(pruned(images), planted(images), atol=1e-5)
+    # a positive constant passes the ReLU with its spread (band width 6·3e-3 ≈ 0.019): under half a step at A4,
+    # but at A8 the step is 17× finer and the same filter counts as signal
+    with torch.no_grad():
+        bn.bias[3], bn.weight[3] = 0.5, 1.0
+    assert bool(constant_mask(bn, rule="near-constant", act=nn.ReLU(), act_bits=4)[3])
+    assert not bool(constant_mask(bn, rule="near-constant", act=nn.ReLU(), act_bits=8)[3])
+    with pytest.raises(ValueError, match="activation bit width"):
+        constant_mask(bn, rule="near-constant")

@@ -13,6 +13,6 @@ and the plan take the names from here.
 """
 
 DEFAULT_TOL = 1e-6  # post-BN std (output units) at or below which a filter counts as constant; far below any step
-RULES = ("exact", "bn-epsilon")  # rules that remove filters
+RULES = ("exact", "bn-epsilon", "near-constant")  # rules that remove filters
 RULE_OFF = "off"                 # no PfQ: the plain-QAT baseline
 PROFILE_RULES = RULES + (RULE_OFF,)

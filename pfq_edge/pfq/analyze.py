@@ -40,11 +40,12 @@ class PfqAnalysis:
 
 
 def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: float = DEFAULT_TOL,
-                rule: str = "exact"):
+                rule: str = "exact", act_bits: int | None = None):
     """Plan PfQ on ``model`` and apply it to a copy; returns (pruned copy, PfqAnalysis). ``model`` is untouched.
 
     example: one input (1, C, H, W) for tracing and shapes. bits: weight bit width for the per-tensor step and the
-    share of weights that round to zero, before and after. rule: "exact" or "bn-epsilon" (``constant_mask``).
+    share of weights that round to zero, before and after. rule: "exact", "bn-epsilon" or "near-constant"
+    (``constant_mask``; near-constant needs ``act_bits``, the activation bit width).
     Raises ModelError if the model cannot be traced.
     Method: arXiv:2011.06751 as read in shared/design.md §2–3.
     """
@@ -52,7 +53,7 @@ def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: flo
 
     pruned = copy.deepcopy(model).eval()
     gm = trace(pruned, example)
-    plan = plan_pfq(gm, tol, rule)
+    plan = plan_pfq(gm, tol, rule, act_bits=act_bits)
     removed = plan.removed_by_layer()
     skipped = {sk.layer: sk.reason for sk in plan.skipped} | {n.conv: n.reason for n in plan.neutralized}
     neutralized = {n.conv: set(n.channels) for n in plan.neutralized}
@@ -60,7 +61,8 @@ def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: flo
     for chain in conv_chains(gm):
         conv = gm.get_submodule(chain.conv)
         bn = gm.get_submodule(chain.bn) if chain.bn else None
-        const = set(torch.nonzero(constant_mask(bn, tol, rule)).flatten().tolist()) if bn is not None else set()
+        mask = constant_mask(bn, tol, rule, chain.act_fn, act_bits) if bn is not None else None
+        const = set(torch.nonzero(mask).flatten().tolist()) if bn is not None else set()
         if chain.bn in seen_bn:  # a BN shared by two convs: its filters are counted at its first call site
             const = set()
         seen_bn.add(chain.bn)
@@ -71,7 +73,7 @@ def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: flo
             "kind": "depthwise" if is_depthwise(conv) else ("dense" if conv.groups == 1 else "grouped"),
             "channels_before": conv.out_channels, "constant_filters": len(const), "removed_filters": len(gone),
             "neutralized_filters": len(neutralized.get(chain.conv, ())),
-            "range_inflating_filters": int((inflating_mask(bn, tol) & ~constant_mask(bn, tol, rule)).sum())
+            "range_inflating_filters": int((inflating_mask(bn, tol) & ~mask).sum())
             if bn is not None else 0,
             "folded_max_abs_before": stats.max_abs, "step_before": stats.step, "zero_fraction_before":
                 stats.zero_fraction,

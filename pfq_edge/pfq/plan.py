@@ -267,7 +267,7 @@ class _Walker:
             conv, bn = self.gm.get_submodule(chain.conv), self.gm.get_submodule(chain.bn)
             if conv.groups > 1:
                 raise _Unsupported(f"add {via.name!r} has a member from the grouped conv {chain.conv!r}")
-            mask = constant_mask(bn, self.ctx.tol, self.ctx.rule)
+            mask = constant_mask(bn, self.ctx.tol, self.ctx.rule, chain.act_fn, self.ctx.act_bits)
             if not all(bool(mask[p]) for p in channels.values()):
                 raise _Unsupported(f"it reaches add {via.name!r}, whose member {chain.conv!r} is not constant there")
             values = _chain_constants(bn, chain, channels)
@@ -365,13 +365,17 @@ PADDED = ("neutralize", "remove")  # what rule "exact" does with a constant that
 
 
 def plan_pfq(gm: fx.GraphModule, tol: float = DEFAULT_TOL, rule: str = "exact",
-             padded: str = "neutralize") -> PrunePlan:
+             padded: str = "neutralize", act_bits: int | None = None) -> PrunePlan:
     """Find the constant filters of every conv → BN chain in ``gm`` (traced by ``graph.trace``) and plan removal.
 
     Returns a PrunePlan; modifies nothing. rule "exact" is design.md §2's (post-BN std ≤ ``tol``); "bn-epsilon"
     also takes σ² ≤ ε filters, replaced by their mean β — every group is then marked not exact. ``padded``: under
     rule "exact", a filter whose non-zero constant meets zero padding is "neutralize"d (the function kept exactly)
     or "remove"d (exact in the interior only; the group is marked not exact and the borders differ).
+    rule "near-constant" takes the filters that cannot move their quantized activation by a step at ``act_bits``
+    (criterion.py), replaced by act(β) — approximate like "bn-epsilon", but its constants that meet zero padding are
+    neutralized as under "exact" (a border error is the size of the constant, not below a step); ValueError
+    without ``act_bits``.
     Channels already removed through an earlier chain (a depthwise conv behind a constant filter) are not
     counted twice.
     """
@@ -379,8 +383,10 @@ def plan_pfq(gm: fx.GraphModule, tol: float = DEFAULT_TOL, rule: str = "exact",
         raise ValueError(f"unknown PfQ rule {rule!r}; known: {', '.join(RULES)}")
     if padded not in PADDED:
         raise ValueError(f"unknown padded policy {padded!r}; known: {', '.join(PADDED)}")
+    if rule == "near-constant" and act_bits is None:
+        raise ValueError("PfQ rule near-constant needs the activation bit width")
     with torch.no_grad():
-        plan = _plan(gm, tol, rule, padded)
+        plan = _plan(gm, tol, rule, padded, act_bits)
     if rule != "exact":
         for g in plan.groups:
             g.exact = False
@@ -395,31 +401,32 @@ class _Context:
     tol: float
     rule: str
     chains: dict
+    act_bits: int | None = None
 
 
-def _plan(gm: fx.GraphModule, tol: float, rule: str, padded: str) -> PrunePlan:
+def _plan(gm: fx.GraphModule, tol: float, rule: str, padded: str, act_bits: int | None) -> PrunePlan:
     plan = PrunePlan(tol=tol, rule=rule)
     shared = {name for name, n in call_counts(gm).items() if n > 1}
     chains = conv_chains(gm)
-    ctx = _Context(shared, tol, rule, {c.out: c for c in chains})
+    ctx = _Context(shared, tol, rule, {c.out: c for c in chains}, act_bits)
     removed: dict[str, set[int]] = {}  # channels already deleted through an earlier group
     for chain in chains:
         if chain.bn is None:
             continue
         bn = gm.get_submodule(chain.bn)
-        mask = constant_mask(bn, tol, rule)
+        mask = constant_mask(bn, tol, rule, chain.act_fn, act_bits)
         if bool(mask.all()):
             plan.warnings.append(f"all {mask.numel()} filters of {chain.conv!r} are constant: everything downstream "
                                  f"of it is constant; one filter is kept so that no layer has 0 channels")
             mask[0] = False
         channels = [int(i) for i in torch.nonzero(mask).flatten() if int(i) not in removed.get(chain.conv, set())]
         if not channels:
-            if bool(constant_mask(bn, tol, rule).all()) and mask.numel() == 1:
+            if bool(constant_mask(bn, tol, rule, chain.act_fn, act_bits).all()) and mask.numel() == 1:
                 plan.skipped.append(Skipped(chain.conv, 1, "its only filter is constant; a layer keeps ≥ 1 channel"))
             continue
         try:
             group = _plan_group(gm, chain, bn, channels, ctx)
-            if rule == "exact" and padded == "neutralize" and not group.exact:
+            if rule != "bn-epsilon" and padded == "neutralize" and not group.exact:
                 group = _keep_exact(gm, chain, bn, group, ctx, plan)
                 if group is None:
                     continue

@@ -387,8 +387,9 @@ def _removal_kind(plan) -> str:
         return f"removal: exact — the pruned model computes the same function{kept}"
     where = sorted({w for g in plan.groups for w in g.inexact})
     padding = f"constants meet zero padding in {', '.join(where[:3])}" if where else ""
-    replaced = {"bn-epsilon": "σ² ≤ ε filters replaced by their mean β",
-                "near-constant": "filters below a quantization step replaced by act(β)"}.get(plan.rule)
+    from pfq_edge.pfq import REPLACES
+
+    replaced = REPLACES.get(plan.rule)
     why = (replaced + (f"; {padding}" if padding else "") if replaced else padding or "see the JSON's groups")
     return f"removal: APPROXIMATE — {why}{kept}; check it on your images (prune --check N)"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+from pfq_edge.pfq import REPLACES
 from pfq_edge.targets.profile import wa_label
 
 SCHEMA_VERSION = 2
@@ -204,11 +205,8 @@ def prune_section(prune: dict) -> list[str]:
         return ["## PfQ", "", "Rule `off`: no filter removed (plain quantization-aware fine-tuning).", ""]
     check = prune.get("golden") or prune.get("guard") or {}
     where = "test" if rule == "exact" else "calibration"
-    approx = {"bn-epsilon": "running_var ≤ ε treated as constant and replaced by β",
-              "near-constant": "filters whose activation band (β ± 3 post-BN std) is under half a quantization step "
-                               "at the activation bit width replaced by act(β)"}
     text = ("post-BN std ≤ %g (exact; design.md §2)" % prune.get("tol") if rule == "exact" else
-            f"{rule}: {approx.get(rule, rule)} (approximate; guarded by top-1 agreement ≥ "
+            f"{rule}: {REPLACES.get(rule, rule)} (approximate; guarded by top-1 agreement ≥ "
             f"{pct(check.get('min_agreement'))} on the calibration images)")
     out = ["## PfQ: constant filters removed", "",
            f"Rule: {text}. Filters removed: **{prune.get('filters_removed', 0)}**. Output change on "

@@ -16,3 +16,6 @@ DEFAULT_TOL = 1e-6  # post-BN std (output units) at or below which a filter coun
 RULES = ("exact", "bn-epsilon", "near-constant")  # rules that remove filters
 RULE_OFF = "off"                 # no PfQ: the plain-QAT baseline
 PROFILE_RULES = RULES + (RULE_OFF,)
+# what each approximate rule replaces, as the CLI and report.md state it (the other rules keep the function)
+REPLACES = {"bn-epsilon": "σ² ≤ ε filters replaced by their mean β",
+            "near-constant": "filters whose BN output band is under half an activation step replaced by act(β)"}

@@ -62,7 +62,7 @@ def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: flo
         conv = gm.get_submodule(chain.conv)
         bn = gm.get_submodule(chain.bn) if chain.bn else None
         mask = constant_mask(bn, tol, rule, chain.act_fn, act_bits) if bn is not None else None
-        const = set(torch.nonzero(mask).flatten().tolist()) if bn is not None else set()
+        const = set(torch.nonzero(mask).flatten().tolist()) if mask is not None else set()
         if chain.bn in seen_bn:  # a BN shared by two convs: its filters are counted at its first call site
             const = set()
         seen_bn.add(chain.bn)

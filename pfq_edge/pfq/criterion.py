@@ -73,7 +73,7 @@ def near_constant_mask(bn: nn.BatchNorm2d, act: nn.Module | None, act_bits: int)
     lo, hi = activation_bands(bn, act)
     width, extent = 2 * BAND_SIGMAS * post_bn_std(bn).double(), torch.maximum(lo.abs(), hi.abs())
     levels = 2 ** act_bits - 1 if bool((lo >= 0).all()) else 2 ** (act_bits - 1) - 1
-    mask = width <= float(extent.max()) / levels / 2 if extent.numel() else width <= 0
+    mask = width <= float(extent.max()) / levels / 2
     for _ in range(width.numel()):  # shrinks only: each member stays below half a step of the range left
         if bool(mask.all()):  # nothing would set the range: only truly constant filters count
             return width <= 0

@@ -415,13 +415,14 @@ def _plan(gm: fx.GraphModule, tol: float, rule: str, padded: str, act_bits: int 
             continue
         bn = gm.get_submodule(chain.bn)
         mask = constant_mask(bn, tol, rule, chain.act_fn, act_bits)
-        if bool(mask.all()):
+        all_constant = bool(mask.all())
+        if all_constant:
             plan.warnings.append(f"all {mask.numel()} filters of {chain.conv!r} are constant: everything downstream "
                                  f"of it is constant; one filter is kept so that no layer has 0 channels")
             mask[0] = False
         channels = [int(i) for i in torch.nonzero(mask).flatten() if int(i) not in removed.get(chain.conv, set())]
         if not channels:
-            if bool(constant_mask(bn, tol, rule, chain.act_fn, act_bits).all()) and mask.numel() == 1:
+            if all_constant and mask.numel() == 1:
                 plan.skipped.append(Skipped(chain.conv, 1, "its only filter is constant; a layer keeps ≥ 1 channel"))
             continue
         try:

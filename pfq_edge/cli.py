@@ -151,8 +151,13 @@ def compile_cmd(
                                                                             "(profile; off)."),
     pfq_rule: Optional[str] = typer.Option(None, "--pfq-rule", help="exact (default) | bn-epsilon | near-constant "
                                                                      "(both guarded approximations) | off."),
+    channel_multiple: Optional[int] = typer.Option(None, "--channel-multiple", min=1, max=1024,
+                                                   help="Hardware-aware PfQ: pruned layers keep channel counts that "
+                                                        "are multiples of gcd(count, N), the other constant filters "
+                                                        "are neutralized (profile; FPGA: 8 at W4, CPU/GPU: 1)."),
     scale_init: Optional[str] = typer.Option(None, "--scale-init", help="Learned quantization scales start from "
-                                                                         "stats (max / percentile) | mse (profile)."),
+                                                                         "mse (profile; default) | stats (max / "
+                                                                         "percentile)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="QAT fine-tuning epochs, 0 skips it (profile; 2)."),
     train_samples: Optional[int] = typer.Option(None, "--train-samples",
                                                 help="Training images per fine-tuning epoch, 0 = all (profile; 0)."),
@@ -201,7 +206,7 @@ def compile_cmd(
         "quant": {"weight_bit_width": weight_bits, "act_bit_width": act_bits, "weight_granularity": granularity,
                   "first_layer_weight_bit_width": first_layer_bits, "last_layer_weight_bit_width": last_layer_bits,
                   "bn": bn, "equalize": equalize, "bias_correction": bias_correction, "scale_init": scale_init},
-        "pfq": {"rule": pfq_rule},
+        "pfq": {"rule": pfq_rule, "channel_multiple": channel_multiple},
         "finetune": {"epochs": epochs, "train_samples": train_samples, "lr": lr, "schedule": schedule,
                      "seed": seed, "distill_alpha": distill, "validation_images": val_images, "patience": patience},
         "runtime": {"tune_trials": tune_trials},
@@ -346,6 +351,10 @@ def analyze_cmd(
     act_bits: Optional[int] = typer.Option(None, "--act-bits", min=2, max=8,
                                            help="Activation bit width of rule near-constant (default: the fpga "
                                                 "profile's, or --target's)."),
+    channel_multiple: int = typer.Option(1, "--channel-multiple", min=1, max=1024,
+                                         help="Hardware-aware PfQ: layers that lose filters keep channel counts "
+                                              "that are multiples of gcd(count, N); the constant filters that "
+                                              "would break it are neutralized instead (FPGA compiles: 8 at W4)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of folded-weight range per layer."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ) -> None:
@@ -360,7 +369,7 @@ def analyze_cmd(
     loaded = load_model(model, weights, _model_args(model_arg))
     shape = _input_shape(loaded, input_shape)
     _, analysis = analyze_pfq(loaded.module, torch.zeros(1, *shape), bits=_bits_for(target, bits), tol=tol,
-                              rule=rule, act_bits=_act_bits_for(target, act_bits))
+                              rule=rule, act_bits=_act_bits_for(target, act_bits), channel_multiple=channel_multiple)
     if plot is not None:
         from pfq_edge.plots import plot_folded_ranges
 
@@ -438,6 +447,10 @@ def prune_cmd(
     act_bits: Optional[int] = typer.Option(None, "--act-bits", min=2, max=8,
                                            help="Activation bit width of rule near-constant (default: the fpga "
                                                 "profile's, or --target's)."),
+    channel_multiple: int = typer.Option(1, "--channel-multiple", min=1, max=1024,
+                                         help="Hardware-aware PfQ: layers that lose filters keep channel counts "
+                                              "that are multiples of gcd(count, N); the constant filters that "
+                                              "would break it are neutralized instead (FPGA compiles: 8 at W4)."),
     check: int = typer.Option(0, "--check", min=0, help="Compare pruned vs original logits on this many test "
                                                          "images of --data."),
     data: Optional[str] = _shared("data"),
@@ -468,7 +481,7 @@ def prune_cmd(
     dataset = _check_data(loaded, spec, model) if check else None
     shape = tuple(dataset.shape) if dataset is not None else _input_shape(loaded, input_shape)
     pruned, analysis = analyze_pfq(loaded.module, torch.zeros(1, *shape), tol=tol, rule=rule,
-                                   act_bits=_act_bits_for("fpga", act_bits))
+                                   act_bits=_act_bits_for("fpga", act_bits), channel_multiple=channel_multiple)
     result = {"model": model, "out": str(out), "rule": rule, "filters_removed": analysis.plan.filters_removed,
               "constant_total": analysis.constant_total, "constant_left": analysis.constant_left,
               "exact": all(g.exact for g in analysis.plan.groups)}

@@ -282,8 +282,17 @@ def _apply_pfq(c: Compilation):
         return None
     c.pruned_model, analysis = analyze_pfq(c.float_model, c.data.test.take(1).images,
                                            bits=c.profile.quant.weight_bit_width, tol=pfq.tol, rule=pfq.rule,
-                                           act_bits=c.profile.quant.act_bit_width)
+                                           act_bits=c.profile.quant.act_bit_width,
+                                           channel_multiple=channel_multiple(c.profile))
     return analysis
+
+
+def channel_multiple(profile) -> int:
+    """The profile's ``pfq.channel_multiple``, or its kind's backend's choice when unset."""
+    from pfq_edge.targets.backends import backend_for
+
+    given = profile.pfq.channel_multiple
+    return given if given is not None else backend_for(profile.kind).channel_multiple(profile)
 
 
 def _restore_prune(c: Compilation, _state: Path) -> None:

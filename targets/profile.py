@@ -38,9 +38,10 @@ class QuantSpec(_Strict):
     "int32" quantizes them on the accumulator grid, input scale × weight scale (Brevitas ``Int32Bias``), as integer
     runtimes compute them: onnxruntime's QDQ fusions round a float bias to that grid themselves, which moved up to
     20% of top-1 decisions at W4A4 (docs/cpu-gpu.md, "onnxruntime's optimization levels"). The CPU/GPU profiles set "int32".
-    ``scale_init``: how the learned weight and activation scales start — "stats" (Brevitas' defaults: the weights'
-    max |w|, the activations' 99.999th percentile, ReLU6 at 6) or "mse" (the scale that minimises the local
-    quantization MSE, Brevitas' ``*MSE`` quantizers). At 2–3 bits a max-based scale rounds most weights to 0.
+    ``scale_init``: how the learned weight and activation scales start — "mse" (default: the scale that minimises
+    the local quantization MSE, Brevitas' ``*MSE`` quantizers) or "stats" (Brevitas' defaults: the weights' max |w|,
+    the activations' 99.999th percentile, ReLU6 at 6). At 2–4 bits a max-based scale rounds most weights to 0
+    (docs/workflow.md has the measurements).
     """
 
     weight_bit_width: int = Field(4, ge=2, le=8)
@@ -53,7 +54,7 @@ class QuantSpec(_Strict):
     equalize: bool = False
     bias_correction: bool = False
     bias: Literal["float", "int32"] = "float"
-    scale_init: Literal["stats", "mse"] = "stats"
+    scale_init: Literal["stats", "mse"] = "mse"
 
     def label(self) -> str:
         """Short name, e.g. ``W4A4`` or ``W4A4 per-channel``."""
@@ -72,12 +73,18 @@ class PfqSpec(_Strict):
     rule "exact" (default): post-BN std ≤ ``tol`` — the output is constant, removal changes nothing but borders.
     rule "bn-epsilon": every filter with running_var ≤ BN ε is replaced by its mean β (an approximation); guarded:
     the float model's top-1 agreement with the original on the calibration images must stay ≥ ``min_agreement``,
-    else the compile stops. rule "off": no PfQ (the plain-QAT baseline).
+    else the compile stops. rule "near-constant": filters whose BN output band is under half an activation step
+    at the target's activation bits (criterion.py), guarded alike. rule "off": no PfQ (the plain-QAT baseline).
+    ``channel_multiple`` (hardware-aware PfQ): a layer that loses filters keeps a channel count that is a multiple
+    of gcd(its count, N); the constant filters that would break that are neutralized (weights 0, output β: the same
+    range gain) instead of removed. None: the target kind's backend chooses (FPGA: the largest power of two ≤
+    36 bits / weight bits — FINN's MVAU weight-stream cap on SIMD — so W4 → 8; CPU/GPU: 1, remove all).
     """
 
     rule: Literal[PROFILE_RULES] = "exact"
     tol: float = Field(DEFAULT_TOL, ge=0)
     min_agreement: float = Field(0.98, gt=0, le=1.0)
+    channel_multiple: int | None = Field(None, ge=1, le=1024)
 
 
 class FinetuneSpec(_Strict):

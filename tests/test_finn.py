@@ -291,3 +291,49 @@ def test_thresholds_rounded_in_one_pass_give_finns_own_result():
         assert ours.get_tensor_datatype(f"t{i}") == ref.get_tensor_datatype(f"t{i}")
     assert not np.array_equal(ref.get_initializer("t0"), model().get_initializer("t0"))  # there was work to do
     assert RoundAndClipThresholds.apply.__qualname__ == "RoundAndClipThresholds.apply"  # FINN's own, restored
+
+
+def test_hardware_aware_pfq_keeps_the_fpga_design_at_or_below_the_unpruned_one(tmp_path, images):
+    """Ten constant filters of a 32-channel pointwise conv (and the depthwise conv after it). Removing all of them
+    leaves 22 = 2·11 channels, which FINN's target_fps folding divides badly; with the FPGA profile's channel multiple
+    (8 at W4) PfQ removes eight (24 channels) and neutralizes two: the function unchanged, and a design no larger and
+    no slower than the unpruned model's and smaller than the all-removed one."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from conftest import plant_constant
+    from pfq_edge.pfq.apply import apply_plan
+    from pfq_edge.pfq.graph import trace
+    from pfq_edge.pfq.plan import plan_pfq
+    from pfq_edge.steps import channel_multiple
+
+    profile = load_profile("fpga")
+    multiple = channel_multiple(profile)
+    assert multiple == 8
+    model = randomize_bn(tiny_dscnn((16, 32, 32)))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    dead = list(range(1, 20, 2))
+    plant_constant(convs[2], bns[2], dead, [-0.5] * len(dead))  # dead ReLU filters of the first pointwise conv
+    designs, counts, plans = {}, {}, {}
+    for name, mult in (("unpruned", None), ("all removed", 1), ("hardware-aware", multiple)):
+        m = copy.deepcopy(model)
+        if mult is not None:
+            plans[name] = plan_pfq(trace(m, images[:1]), channel_multiple=mult)
+            apply_plan(m, plans[name])
+            with torch.no_grad():
+                assert torch.allclose(m(images), model(images), atol=1e-5)
+        counts[name] = [c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d)]
+        qm = quantize_model(m, profile.quant)
+        calibrate(qm, images)
+        path = export_qonnx(qm, images[:1], tmp_path / f"{len(designs)}.onnx")
+        designs[name] = finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / f"b{len(designs)}")
+    assert counts["all removed"][2:4] == [22, 22] and counts["hardware-aware"][2:4] == [24, 24]
+    aware, unpruned, every = designs["hardware-aware"], designs["unpruned"], designs["all removed"]
+    assert aware.totals["LUT"] <= unpruned.totals["LUT"] and aware.throughput_fps >= unpruned.throughput_fps
+    assert aware.totals["LUT"] < every.totals["LUT"]
+    plan = plans["hardware-aware"]
+    assert plan.filters_removed == 16 and len(plan.neutralized) == 1 and len(plan.neutralized[0].channels) == 2
+    assert "kept for folding" in plan.neutralized[0].reason

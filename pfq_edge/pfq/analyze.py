@@ -32,7 +32,8 @@ class PfqAnalysis:
     constant_left: list[dict]         # {"layer", "filters", "reason"}: neutralized (reason "kept for shape") or not
 
     def as_dict(self) -> dict:
-        return {"bits": self.bits, "rule": self.plan.rule, "tol": self.plan.tol, "constant_total": self.constant_total,
+        return {"bits": self.bits, "rule": self.plan.rule, "tol": self.plan.tol,
+                "channel_multiple": self.plan.channel_multiple, "constant_total": self.constant_total,
                 "constant_removed": self.constant_removed, "constant_left": self.constant_left,
                 "filters_removed": self.plan.filters_removed, "layers": self.layers, **{
                     k: v for k, v in self.plan.as_dict().items()
@@ -40,12 +41,13 @@ class PfqAnalysis:
 
 
 def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: float = DEFAULT_TOL,
-                rule: str = "exact", act_bits: int | None = None):
+                rule: str = "exact", act_bits: int | None = None, channel_multiple: int = 1):
     """Plan PfQ on ``model`` and apply it to a copy; returns (pruned copy, PfqAnalysis). ``model`` is untouched.
 
     example: one input (1, C, H, W) for tracing and shapes. bits: weight bit width for the per-tensor step and the
     share of weights that round to zero, before and after. rule: "exact", "bn-epsilon" or "near-constant"
-    (``constant_mask``; near-constant needs ``act_bits``, the activation bit width).
+    (``constant_mask``; near-constant needs ``act_bits``, the activation bit width). channel_multiple > 1: layers
+    that lose filters keep counts that are multiples of gcd(count, channel_multiple) (hardware-aware PfQ).
     Raises ModelError if the model cannot be traced.
     Method: arXiv:2011.06751 as read in shared/design.md §2–3.
     """
@@ -53,7 +55,7 @@ def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: flo
 
     pruned = copy.deepcopy(model).eval()
     gm = trace(pruned, example)
-    plan = plan_pfq(gm, tol, rule, act_bits=act_bits)
+    plan = plan_pfq(gm, tol, rule, act_bits=act_bits, channel_multiple=channel_multiple)
     removed = plan.removed_by_layer()
     skipped = {sk.layer: sk.reason for sk in plan.skipped} | {n.conv: n.reason for n in plan.neutralized}
     neutralized = {n.conv: set(n.channels) for n in plan.neutralized}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import math
 import operator
 
 import torch
@@ -99,6 +100,7 @@ class PrunePlan:
     warnings: list[str] = field(default_factory=list)
     tol: float = DEFAULT_TOL
     rule: str = "exact"
+    channel_multiple: int = 1
 
     def removed_by_layer(self) -> dict[str, set[int]]:
         """{conv name: output channels deleted}, over every group (producers, depthwise followers, unused feeders)."""
@@ -365,7 +367,7 @@ PADDED = ("neutralize", "remove")  # what rule "exact" does with a constant that
 
 
 def plan_pfq(gm: fx.GraphModule, tol: float = DEFAULT_TOL, rule: str = "exact",
-             padded: str = "neutralize", act_bits: int | None = None) -> PrunePlan:
+             padded: str = "neutralize", act_bits: int | None = None, channel_multiple: int = 1) -> PrunePlan:
     """Find the constant filters of every conv → BN chain in ``gm`` (traced by ``graph.trace``) and plan removal.
 
     Returns a PrunePlan; modifies nothing. rule "exact" is design.md §2's (post-BN std ≤ ``tol``); "bn-epsilon"
@@ -377,7 +379,9 @@ def plan_pfq(gm: fx.GraphModule, tol: float = DEFAULT_TOL, rule: str = "exact",
     neutralized as under "exact" (a border error is the size of the constant, not below a step); ValueError
     without ``act_bits``.
     Channels already removed through an earlier chain (a depthwise conv behind a constant filter) are not
-    counted twice.
+    counted twice. ``channel_multiple`` > 1 (hardware-aware PfQ, ``align_channels``): every layer that loses
+    channels keeps a count that is a multiple of gcd(its count, ``channel_multiple``); the constant filters that
+    would break it are neutralized instead of removed.
     """
     if rule not in RULES:
         raise ValueError(f"unknown PfQ rule {rule!r}; known: {', '.join(RULES)}")
@@ -385,8 +389,13 @@ def plan_pfq(gm: fx.GraphModule, tol: float = DEFAULT_TOL, rule: str = "exact",
         raise ValueError(f"unknown padded policy {padded!r}; known: {', '.join(PADDED)}")
     if rule == "near-constant" and act_bits is None:
         raise ValueError("PfQ rule near-constant needs the activation bit width")
+    if channel_multiple < 1:
+        raise ValueError(f"channel_multiple must be ≥ 1, got {channel_multiple}")
     with torch.no_grad():
-        plan = _plan(gm, tol, rule, padded, act_bits)
+        ctx = _context(gm, tol, rule, act_bits)
+        plan = _plan(gm, ctx, padded)
+        if channel_multiple > 1:
+            align_channels(gm, plan, ctx, channel_multiple)
     if rule != "exact":
         for g in plan.groups:
             g.exact = False
@@ -404,13 +413,16 @@ class _Context:
     act_bits: int | None = None
 
 
-def _plan(gm: fx.GraphModule, tol: float, rule: str, padded: str, act_bits: int | None) -> PrunePlan:
-    plan = PrunePlan(tol=tol, rule=rule)
+def _context(gm: fx.GraphModule, tol: float, rule: str, act_bits: int | None) -> _Context:
     shared = {name for name, n in call_counts(gm).items() if n > 1}
-    chains = conv_chains(gm)
-    ctx = _Context(shared, tol, rule, {c.out: c for c in chains}, act_bits)
+    return _Context(shared, tol, rule, {c.out: c for c in conv_chains(gm)}, act_bits)
+
+
+def _plan(gm: fx.GraphModule, ctx: _Context, padded: str) -> PrunePlan:
+    plan = PrunePlan(tol=ctx.tol, rule=ctx.rule)
+    tol, rule, act_bits, shared = ctx.tol, ctx.rule, ctx.act_bits, ctx.shared
     removed: dict[str, set[int]] = {}  # channels already deleted through an earlier group
-    for chain in chains:
+    for chain in ctx.chains.values():
         if chain.bn is None:
             continue
         bn = gm.get_submodule(chain.bn)
@@ -450,6 +462,57 @@ def _plan(gm: fx.GraphModule, tol: float, rule: str, padded: str, act_bits: int 
         for r in group.removals:
             removed.setdefault(r.conv, set()).update(r.channels)
     return plan
+
+
+def align_channels(gm: fx.GraphModule, plan: PrunePlan, ctx: _Context, multiple: int) -> None:
+    """Hardware-aware PfQ: neutralize instead of remove the constant filters whose removal would leave a layer with
+    a channel count that is not a multiple of g = gcd(its count, ``multiple``); modifies ``plan`` in place.
+
+    Why: a dataflow accelerator folds each layer by divisors of its channel counts (FINN: an MVAU's SIMD divides its
+    input channels and is capped by the weight-stream width, its PE divides its output channels, a VVAU's PE its
+    channels). 64 → 57 channels leaves the divisors 1, 3, 19, 57, so a throughput target forces a far more parallel,
+    larger layer; 64 → 56 keeps 1, 2, 4, 8 and every fold 64/PE ≤ 8 of the original, so the pruned layer needs at
+    most the original parallelism. Neutralized filters keep the range gain (their folded weights are 0); only the
+    MACs saving of removing them is given up. Each step takes back the most recently planned filter that touches a
+    misaligned layer (groups through adds stay as planned), so it ends; at worst nothing is removed.
+    """
+    plan.channel_multiple = multiple
+    chains = {c.conv: c for c in ctx.chains.values()}
+    while True:
+        removed = plan.removed_by_layer()
+        misaligned = {}
+        for conv, channels in removed.items():
+            count = gm.get_submodule(conv).out_channels
+            g = math.gcd(count, multiple)
+            if (count - len(channels)) % g:
+                misaligned[conv] = g
+        if not misaligned:
+            return
+        candidate = next(((i, g) for i, g in reversed(list(enumerate(plan.groups)))
+                          if not g.adds and any(r.conv in misaligned for r in g.removals)), None)
+        if candidate is None:
+            plan.warnings.append(f"channel counts of {', '.join(sorted(misaligned))} are not multiples of "
+                                 f"{multiple}: their constant filters are removed through element-wise adds")
+            return
+        index, group = candidate
+        chain = chains[group.producer]
+        c = group.channels[-1]
+        layers = sorted({r.conv for r in group.removals if r.conv in misaligned})
+        _neutralize(plan, chain, c, f"kept for folding: removing it would leave {layers[0]!r} with a channel count "
+                                    f"that is not a multiple of {misaligned[layers[0]]} (channel_multiple {multiple})")
+        rest = group.channels[:-1]
+        if rest:
+            plan.groups[index] = _plan_group(gm, chain, gm.get_submodule(chain.bn), rest, ctx)
+        else:
+            del plan.groups[index]
+
+
+def _neutralize(plan: PrunePlan, chain: Chain, channel: int, reason: str) -> None:
+    for n in plan.neutralized:
+        if n.conv == chain.conv and n.reason == reason:
+            n.channels = sorted(n.channels + [channel])
+            return
+    plan.neutralized.append(Neutralized(chain.conv, chain.bn, [channel], reason))
 
 
 def _keep_exact(gm, chain: Chain, bn: nn.BatchNorm2d, group: PruneGroup, ctx: _Context,

@@ -72,6 +72,12 @@ class Backend:
         """A reason why ``profile`` is inconsistent for this kind (the schema raises it), or None."""
         return None
 
+    def channel_multiple(self, profile) -> int:
+        """PfQ's channel multiple for this kind when the profile leaves ``pfq.channel_multiple`` unset: a layer that
+        loses filters keeps a count that is a multiple of gcd(count, this) (pfq/plan.py, ``align_channels``).
+        1: remove every constant filter."""
+        return 1
+
     def check_tools(self, profile) -> None:
         """Before any work: the tools and facts this target needs exist. Raises ProfileError / ToolchainError."""
 

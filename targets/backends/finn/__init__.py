@@ -16,6 +16,7 @@ from pfq_edge.steps import GOLDEN_IMAGES, Step
 from pfq_edge.targets.backends import Backend
 
 QONNX_FILE = "model.qonnx.onnx"
+MVAU_WWIDTH_MAX = 36  # FINN SetFolding's default cap on an MVAU's weight stream per PE (SIMD × weight bits)
 
 
 @dataclass
@@ -53,9 +54,11 @@ class EstimateResult(StepResult):
     files: list = field(default_factory=list)      # packaged: finn_reports/*, finn_build/*
     run_files: list = field(default_factory=list)  # kept beside the package (wall times, FINN's log)
     golden: list = field(default_factory=list)     # GoldenResult.as_dict() of FINN's graphs (finn_golden_checks)
+    unpruned: dict | None = None                   # the unpruned architecture's design (``unpruned_design``)
 
     def report(self) -> dict:
-        return {**self.estimate, "report_dir": "finn_reports", "verdicts": self.verdicts, "golden": self.golden}
+        out = {**self.estimate, "report_dir": "finn_reports", "verdicts": self.verdicts, "golden": self.golden}
+        return out | ({"unpruned": self.unpruned} if self.unpruned else {})
 
     @property
     def artefacts(self) -> dict[str, str]:
@@ -85,6 +88,7 @@ def estimate(c: Compilation) -> EstimateResult:
     with finn_session(build / "golden") as _:
         golden = [g.as_dict() for g in finn_golden_checks(build, run_qonnx(qonnx, images), images, bits)]
     verdicts = fpga_verdicts(result, c.profile)
+    unpruned = unpruned_design(c, result, build / "unpruned") if c.result("prune").filters_removed else None
     packaged, run_files = write_finn_reports(result.report_dir, build / "finn" / "build.log", c.work / "finn_reports")
     shutil.rmtree(build)
     with finn_session(c.work / ".finn_config") as _:
@@ -93,7 +97,40 @@ def estimate(c: Compilation) -> EstimateResult:
     shutil.rmtree(c.work / ".finn_config")
     rel = [str(p.relative_to(c.work)) for p in packaged]
     return EstimateResult(estimate=result.as_dict(), verdicts=verdicts, files=rel,
-                          run_files=[str(p.relative_to(c.work)) for p in run_files], golden=golden)
+                          run_files=[str(p.relative_to(c.work)) for p in run_files], golden=golden,
+                          unpruned=unpruned)
+
+
+UNPRUNED_CALIBRATION_IMAGES = 64  # FINN's resource estimate depends on shapes and bit widths, not on scale values
+
+
+def unpruned_design(c: Compilation, pruned, build) -> dict:
+    """FINN's design of the *unpruned* architecture at the same bits, clock and folding goal, beside PfQ's
+    ``pruned`` FinnEstimate: what hardware-aware PfQ (``pfq.channel_multiple``) must not exceed. The float model is
+    quantized like the compiled one (calibrated on a few images: resources depend on shapes and bits) and estimated
+    by FINN, without golden checks. Returns {"totals", "throughput_fps", "latency_us", "fit", "pfq_vs_unpruned":
+    {"LUT_ratio", "fps_ratio", "verdict": "no larger" | "larger" | "slower"}}."""
+    import copy
+
+    from pfq_edge.export.qonnx import export_qonnx
+    from pfq_edge.quantize import calibrate, quantize_model
+    from pfq_edge.targets.backends.finn.driver import finn_estimate, is_branchy
+    from pfq_edge.targets.backends.finn.fit import fpga_verdicts
+
+    build.mkdir(parents=True, exist_ok=True)
+    model = quantize_model(copy.deepcopy(c.float_model), c.profile.quant)
+    calibrate(model, c.data.train.take(UNPRUNED_CALIBRATION_IMAGES).images)
+    qonnx = export_qonnx(model, c.data.test.take(1).images, build / QONNX_FILE)
+    ref = finn_estimate(qonnx, c.profile.fpga, pixel_bits(c), build, clip_thresholds=c.spec.normalization is not None,
+                        branchy=is_branchy(qonnx), description="FINN estimate, unpruned architecture")
+    larger = [r for r in ("LUT", "BRAM_18K", "URAM", "DSP") if pruned.totals.get(r, 0) > ref.totals.get(r, 0)]
+    slower = pruned.throughput_fps < ref.throughput_fps
+    lut = pruned.totals["LUT"] / ref.totals["LUT"] if ref.totals.get("LUT") else float("nan")
+    return {"totals": ref.totals, "throughput_fps": ref.throughput_fps, "latency_us": ref.latency_us,
+            "fit": fpga_verdicts(ref, c.profile)["fit"]["verdict"],
+            "pfq_vs_unpruned": {"LUT_ratio": lut, "fps_ratio": pruned.throughput_fps / ref.throughput_fps,
+                                "larger": larger,
+                                "verdict": "larger" if larger else "slower" if slower else "no larger"}}
 
 
 def _zero_note(fpga: dict, fit: dict) -> str:
@@ -109,6 +146,16 @@ def _zero_note(fpga: dict, fit: dict) -> str:
         text += (" " if text else "") + (f"**Estimate incomplete**: FINN gives 0 resources for the compute layer(s) "
                                           f"{', '.join(fit['incomplete'])}; no fit verdict rests on that.")
     return text or "FINN estimated every layer (no zero estimates)."
+
+
+def _unpruned_lines(fpga: dict) -> list[str]:
+    ref = fpga.get("unpruned")
+    if not ref:
+        return []
+    cmp, res = ref["pfq_vs_unpruned"], ("LUT", "BRAM_18K", "DSP")
+    return [f"- PfQ's design vs the unpruned architecture (same bits, same folding goal): **{cmp['verdict']}** — "
+            + ", ".join(f"{r} {fpga['totals'][r]:.0f} vs {ref['totals'][r]:.0f}" for r in res)
+            + f", {fpga['throughput_fps']:.0f} vs {ref['throughput_fps']:.0f} fps (unpruned: {ref['fit']})"]
 
 
 def pixel_bits(c: Compilation) -> int:
@@ -137,6 +184,13 @@ class FinnBackend(Backend):
             return ("quant.bias must stay \"float\" in an fpga profile (FINN absorbs biases into its thresholds; its "
                     "QONNX import rejects int32 bias quantizers)")
         return None
+
+    def channel_multiple(self, profile) -> int:
+        # FINN folds an MVAU by SIMD (a divisor of its input channels, SIMD × weight bits ≤ SetFolding's
+        # mvau_wwidth_max, 36) and PE (a divisor of its output channels): channel counts that stay multiples of
+        # the largest power of two under that cap keep every fold FINN chose for the unpruned layer available.
+        cap = max(1, MVAU_WWIDTH_MAX // profile.quant.weight_bit_width)
+        return 1 << (cap.bit_length() - 1)
 
     def check_tools(self, profile) -> None:
         from pfq_edge.targets.backends.finn.fit import check_fpga_profile
@@ -199,7 +253,8 @@ class FinnBackend(Backend):
                 f"- Fit ({fit['board']}, ≤ {fit['max_utilization']:.0%} of each resource): **{fit['verdict']}** — " +
                 ", ".join(f"{r} {fpga['totals'][r]:.0f}/{fit['capacity'][r]} ({u:.1%})"
                           for r, u in fit["utilization"].items()),
-                f"- Latency budget {lat['budget_ms']} ms: **{lat['verdict']}** ({lat['latency_ms']:.3f} ms)", "",
+                f"- Latency budget {lat['budget_ms']} ms: **{lat['verdict']}** ({lat['latency_ms']:.3f} ms)",
+                *_unpruned_lines(fpga), "",
                 _zero_note(fpga, fit), "",
                 table(["layer", "cycles", "LUT", "BRAM_18K", "URAM", "DSP"],
                       [[r["layer"], r["cycles"], f"{r['LUT']:.0f}" + (" *" if r.get("bounded") else ""),

@@ -112,7 +112,8 @@ def is_branchy(onnx_path: Path) -> bool:
 
 
 def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
-                  clip_thresholds: bool = False, branchy: bool | None = None) -> FinnEstimate:
+                  clip_thresholds: bool = False, branchy: bool | None = None,
+                  description: str = "FINN estimate build") -> FinnEstimate:
     """Run FINN's estimate-only dataflow build on ``qonnx_path`` for ``fpga`` (FpgaSpec: part, clock, target fps
     or folding file). Reports land in ``build_dir/finn/report``; FINN's log in ``build_dir/finn/build.log``.
     ``clip_thresholds``: add export/device/finn_steps.py's step after streamlining (models that normalise their
@@ -132,7 +133,7 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
     lint.preflight(ModelWrapper(str(model_path)))
     log_path = out_dir / "build.log"
     failure: list = []  # why the step that raised did: our own check's ToolchainError, or describe_failure's line
-    with progress_bar("FINN estimate build", total=None) as advance, open(log_path, "a") as log, \
+    with progress_bar(description, total=None) as advance, open(log_path, "a") as log, \
             contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
             finn_session(build_dir) as (build_dataflow, config), _time_limit(FINN_TIME_LIMIT_S) as step:
         from finn.builder import build_dataflow_steps as steps_lib

@@ -14,6 +14,13 @@ with profile overrides, so a method here is exactly what ``pfq-edge compile`` do
     pfq+qat       PfQ, exact rule (design.md §2), then QAT     (default of pfq-edge compile)
     pfq-eps+qat   PfQ, BN-epsilon rule (σ² ≤ ε, data-guarded), then QAT
     pfq+cle+qat   PfQ exact + cross-layer equalization, then QAT
+    nc+qat        PfQ, near-constant rule (below half an activation step at the bits, data-guarded), then QAT
+    qat-stats     plain QAT with Brevitas' stats-initialised scales (max |w|, percentile; --scale-init stats)
+    pfq+qat-stats PfQ exact, then QAT with stats-initialised scales
+    pfq+qat+kd    PfQ exact, then QAT with distillation from the float model (--distill 0.5)
+
+Every method quantizes with the profile's defaults otherwise: MSE-initialised learned scales (--scale-init mse),
+the first conv and the classifier at 8 bits below 4-bit weights, FPGA channel multiple 8 (hardware-aware PfQ).
 
 Bits: W8A8, W4A4, W3A3, W2A2 per-tensor and W4A4pc (per-channel weight scales); inputs 8-bit throughout.
 Per cell: top-1 on the test images before (PTQ) and after QAT, mean ± std over the seeds (the seed drives QAT
@@ -41,6 +48,10 @@ METHODS = {
     "pfq+qat": {"pfq": {"rule": "exact"}},
     "pfq-eps+qat": {"pfq": {"rule": "bn-epsilon"}},
     "pfq+cle+qat": {"pfq": {"rule": "exact"}, "quant": {"equalize": True}},
+    "nc+qat": {"pfq": {"rule": "near-constant"}},
+    "qat-stats": {"pfq": {"rule": "off"}, "quant": {"scale_init": "stats"}},
+    "pfq+qat-stats": {"pfq": {"rule": "exact"}, "quant": {"scale_init": "stats"}},
+    "pfq+qat+kd": {"pfq": {"rule": "exact"}, "finetune": {"distill_alpha": 0.5}},
 }
 BITS = {
     "W8A8": {"weight_bit_width": 8, "act_bit_width": 8},
@@ -194,7 +205,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    markers = dict(zip(METHODS, "osD^vPXh"))
+    markers = dict(zip(METHODS, "osD^vPXh<>*p"))
     for ax, model in zip(axes[0], models):
         for method in METHODS:
             pts = [r for r in rows if r["model"] == model and r["method"] == method and "top1_mean" in r]
@@ -253,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.bits, args.methods, args.seeds = "W4A4,W3A3", "qat,pfq+qat,pfq-eps+qat", "0"
     if args.smoke:
-        args.models, args.bits, args.methods, args.seeds = "fashion-dscnn", "W4A4", "qat,pfq-eps+qat,cle-bc", "0,1"
+        args.models, args.bits, args.methods, args.seeds = "fashion-dscnn", "W4A4", "qat,pfq+qat,qat-stats,cle-bc", "0,1"
         args.train_samples, args.test_images, args.jobs = 256, 500, 1
     for name, known, given in (("model", MODELS, args.models), ("bits", BITS, args.bits),
                                ("method", METHODS, args.methods)):

@@ -138,9 +138,11 @@ def compile_cmd(
     act_bits: Optional[int] = typer.Option(None, "--act-bits",
                                            help="Activation bit width 2–8 (profile quant.act_bit_width)."),
     first_layer_bits: Optional[int] = typer.Option(None, "--first-layer-bits",
-                                                   help="Weight bit width of the first conv (default: --weight-bits)."),
+                                                   help="Weight bit width of the first conv (default: 8 below "
+                                                        "4-bit weights, else --weight-bits)."),
     last_layer_bits: Optional[int] = typer.Option(None, "--last-layer-bits",
-                                                  help="Weight bit width of the last layer (default: --weight-bits)."),
+                                                  help="Weight bit width of the last layer (default: 8 below "
+                                                       "4-bit weights, else --weight-bits)."),
     granularity: Optional[str] = typer.Option(None, "--granularity", help="Weight scales: per-tensor | "
                                                                            "per-channel (profile)."),
     bn: Optional[str] = typer.Option(None, "--bn", help="fold BN before fine-tuning (default) | keep it float."),
@@ -156,8 +158,8 @@ def compile_cmd(
                                                         "are multiples of gcd(count, N), the other constant filters "
                                                         "are neutralized (profile; FPGA: 8 at W4, CPU/GPU: 1)."),
     scale_init: Optional[str] = typer.Option(None, "--scale-init", help="Learned quantization scales start from "
-                                                                         "mse (profile; default) | stats (max / "
-                                                                         "percentile)."),
+                                                                         "auto (profile; mse at ≤ 4 bits, else "
+                                                                         "stats) | mse | stats (max / percentile)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="QAT fine-tuning epochs, 0 skips it (profile; 2)."),
     train_samples: Optional[int] = typer.Option(None, "--train-samples",
                                                 help="Training images per fine-tuning epoch, 0 = all (profile; 0)."),
@@ -392,7 +394,7 @@ def _removal_kind(plan) -> str:
     adds = sorted({a for g in plan.groups for a in g.adds})
     if adds:
         kept += f"; removed through {len(adds)} add{'s' if len(adds) > 1 else ''} (every member constant)"
-    if all(g.exact for g in plan.groups):
+    if plan.exact:
         return f"removal: exact — the pruned model computes the same function{kept}"
     where = sorted({w for g in plan.groups for w in g.inexact})
     padding = f"constants meet zero padding in {', '.join(where[:3])}" if where else ""
@@ -484,7 +486,7 @@ def prune_cmd(
                                    act_bits=_act_bits_for("fpga", act_bits), channel_multiple=channel_multiple)
     result = {"model": model, "out": str(out), "rule": rule, "filters_removed": analysis.plan.filters_removed,
               "constant_total": analysis.constant_total, "constant_left": analysis.constant_left,
-              "exact": all(g.exact for g in analysis.plan.groups)}
+              "exact": analysis.plan.exact}
     if check:
         result["check"] = _compare_on_images(loaded, pruned, check, dataset, rule)
     try:

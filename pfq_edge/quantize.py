@@ -115,7 +115,7 @@ def _quantizers(spec):
     from brevitas import quant as bq
 
     per_tensor = spec.weight_granularity == "per-tensor"
-    if spec.scale_init == "mse":
+    if spec.resolved_scale_init() == "mse":
         weight = bq.Int8WeightPerTensorFloatMSE if per_tensor else bq.Int8WeightPerChannelFloatMSE
         return weight, {"signed": bq.Int8ActPerTensorFloatMSE, "unsigned": bq.Uint8ActPerTensorFloatMSE}
     return (bq.Int8WeightPerTensorFloat if per_tensor else bq.Int8WeightPerChannelFloat), None
@@ -165,8 +165,8 @@ def compute_layers(qmodel: nn.Module) -> list[str]:
 def _set_edge_layer_bits(qm: nn.Module, spec) -> None:
     # Rebuild the weight quantizer of the first / last layer from its injector with another bit width.
     layers = compute_layers(qm)
-    for name, bits in ((layers[0], spec.first_layer_weight_bit_width), (layers[-1], spec.last_layer_weight_bit_width)):
-        if bits is not None and bits != spec.weight_bit_width:
+    for name, bits in zip((layers[0], layers[-1]), spec.edge_layer_bits()):
+        if bits != spec.weight_bit_width:
             proxy = qm.get_submodule(name).weight_quant
             proxy.quant_injector = proxy.quant_injector.let(bit_width=bits)
             proxy.init_tensor_quant()

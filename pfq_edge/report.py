@@ -46,10 +46,24 @@ def summary(c) -> dict:
     shared = {"float_top1": acc.get("float"), "pfq_top1": acc.get("pfq_float"),
               "quantized_top1": acc.get("quantized_ptq"), "finetuned_top1": acc.get("finetuned"),
               "deployed_top1": acc.get("deployed"), "bits": backend.bits_label(c.profile.quant),
-              "pfq_rule": c.profile.pfq.rule, "filters_removed": prune.filters_removed,
+              "pfq_rule": c.profile.pfq.rule, "filters_removed": prune.filters_removed, "method": method(c),
               "weight_bits": quant.size["weight_bits"], "bias_params": quant.size["bias_params"],
               "zero_weight_fraction": quant.size["zero_weight_fraction"]}
     return {**shared, **backend.summary(c)}
+
+
+def method(c) -> str:
+    """The workflow that ran, in one line: PfQ rule (and channel multiple), scale initialisation, fine-tuning."""
+    from pfq_edge.steps import channel_multiple
+
+    p, q, ft = c.profile.pfq, c.profile.quant, c.profile.finetune
+    multiple = channel_multiple(c.profile)
+    pfq = "no PfQ" if p.rule == "off" else f"PfQ {p.rule}" + (f" (channel multiple {multiple})" if multiple > 1 else "")
+    first, last = q.edge_layer_bits()
+    edge = f", first/last layer {first}/{last}-bit" if (first, last) != (q.weight_bit_width,) * 2 else ""
+    tune = "no fine-tuning (PTQ)" if ft.epochs == 0 else (
+        f"QAT {ft.epochs} epochs" + (f", distillation α {ft.distill_alpha:g}" if ft.distill_alpha else ""))
+    return f"{pfq} → {q.resolved_scale_init()}-initialised learned scales{edge}{' + CLE' if q.equalize else ''} → {tune}"
 
 
 def _passed_cell(g: dict) -> str:
@@ -208,8 +222,11 @@ def prune_section(prune: dict) -> list[str]:
     text = ("post-BN std ≤ %g (exact; design.md §2)" % prune.get("tol") if rule == "exact" else
             f"{rule}: {REPLACES.get(rule, rule)} (approximate; guarded by top-1 agreement ≥ "
             f"{pct(check.get('min_agreement'))} on the calibration images)")
+    multiple = prune.get("channel_multiple", 1)
+    aware = (f" Hardware-aware: layers that lose filters keep channel counts that are multiples of {multiple} "
+             f"(the others are neutralized)." if multiple > 1 else "")
     out = ["## PfQ: constant filters removed", "",
-           f"Rule: {text}. Filters removed: **{prune.get('filters_removed', 0)}**. Output change on "
+           f"Rule: {text}.{aware} Filters removed: **{prune.get('filters_removed', 0)}**. Output change on "
            f"{check.get('images')} {where} images: max |Δlogit| {check.get('max_abs_diff', 0):.3g}, top-1 agreement "
            f"{pct(check.get('argmax_agreement'))} "
            f"({'exact' if prune.get('exact') else 'approximate'}).", ""]
@@ -239,7 +256,9 @@ def _settings_section(quant: dict, ft: dict) -> list[str]:
     edge = f"first layer {layers[0]['bit_width']}-bit, last layer {layers[-1]['bit_width']}-bit" if layers else ""
     rows = [["weights / activations / input", f"{quant.get('weight_bit_width')} / {quant.get('act_bit_width')} / "
                                                 f"{quant.get('input_bit_width')} bits ({edge})"],
-            ["weight scales", quant.get("weight_granularity")], ["BatchNorm", quant.get("bn")],
+            ["weight scales", f"{quant.get('weight_granularity')}, "
+                              f"{quant.get('scale_init_used', quant.get('scale_init', 'stats'))}-initialised"],
+            ["BatchNorm", quant.get("bn")],
             ["cross-layer equalization / bias correction", f"{quant.get('equalize')} / {quant.get('bias_correction')}"],
             ["calibration images", quant.get("calibration_images")]]
     if ft.get("skipped"):
@@ -270,6 +289,7 @@ def summary_rows(s: dict, kind: str) -> list[list]:
         *([["deployed top-1 (TVM library, all test images)", pct(s["deployed_top1"])]]
           if s.get("deployed_top1") is not None else []),
         ["bits (weights/activations/input)", s.get("bits", "—")],
+        ["method", s.get("method", "—")],
         ["PfQ rule / filters removed", f"{s.get('pfq_rule', 'exact')} / {s.get('filters_removed', '—')}"],
         ["logical weight size", f"{s['weight_bits']:,} bits ({s['weight_bits'] / 8 / 1024:.1f} KiB)"
          if "weight_bits" in s else "—"],

@@ -254,7 +254,7 @@ def prune(c: Compilation) -> PruneResult:
     analysis = _apply_pfq(c)
     if analysis is None:
         return PruneResult(rule="off", filters_removed=0, constant_total=0, exact=True)
-    exact = all(g.exact for g in analysis.plan.groups)
+    exact = analysis.plan.exact
     result = PruneResult(rule=pfq.rule, filters_removed=analysis.plan.filters_removed,
                          constant_total=analysis.constant_total, exact=exact, analysis=analysis.as_dict())
     if pfq.rule != "exact":
@@ -329,7 +329,8 @@ def quantize(c: Compilation) -> QuantizeResult:
     calibrate(c.qmodel, calib)
     if spec.bias_correction:
         correct_bias(c.qmodel, calib)
-    return QuantizeResult(settings=spec.model_dump(), calibration_images=len(calib),
+    return QuantizeResult(settings={**spec.model_dump(), "scale_init_used": spec.resolved_scale_init()},
+                          calibration_images=len(calib),
                           size=weight_bits(c.qmodel), ptq_top1=accuracy(c.qmodel, c.data.test))
 
 

@@ -235,6 +235,10 @@ def _zoo() -> dict[str, ZooEntry]:
         DEFAULT_MODEL: ZooEntry(
             DEFAULT_MODEL, fashion_dscnn, WEIGHTS_DIR / "fashion-dscnn.safetensors", (1, 28, 28), _meta(DEFAULT_MODEL)
         ),
+        "fashion-dscnn-adam": ZooEntry(
+            "fashion-dscnn-adam", fashion_dscnn, WEIGHTS_DIR / "fashion-dscnn-adam.safetensors", (1, 28, 28),
+            _meta("fashion-dscnn-adam"),
+        ),
         "fashion-dscnn-wide": ZooEntry(
             "fashion-dscnn-wide", fashion_dscnn_wide, WEIGHTS_DIR / "fashion-dscnn-wide.safetensors", (1, 28, 28),
             _meta("fashion-dscnn-wide"),

@@ -27,21 +27,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+LOW_BIT_EDGE_LAYER_BITS = 8  # first conv and classifier below 4-bit weights (QuantSpec.edge_layer_bits)
+MSE_MAX_BITS = 4              # scale_init "auto" chooses MSE-initialised scales at or below these bits
+
+
 class QuantSpec(_Strict):
     """Bit widths (2–8), weight-scale granularity, BN handling and the PTQ aids of the quantized network.
 
-    ``first_layer_weight_bit_width`` / ``last_layer_weight_bit_width`` (None: ``weight_bit_width``) set the first
-    conv and the last compute layer (the classifier). ``bn``: "fold" BN into the conv before fine-tuning (the
+    ``first_layer_weight_bit_width`` / ``last_layer_weight_bit_width`` set the first conv and the last compute layer
+    (the classifier); None: 8 when ``weight_bit_width`` < 4 (as FINN's and Brevitas' 2-bit examples keep them:
+    measured on fashion-dscnn W2A2 63.0 → 71.4 %, docs/workflow.md), else ``weight_bit_width``. ``bn``: "fold" BN into the conv before fine-tuning (the
     paper's order, default) or "keep" it float during fine-tuning (quantized weights are then the unfolded ones).
     ``equalize``: Brevitas cross-layer equalization before quantization; ``bias_correction``: Brevitas bias
     correction after calibration. ``bias``: "float" keeps biases float (FINN absorbs them into its thresholds) or
     "int32" quantizes them on the accumulator grid, input scale × weight scale (Brevitas ``Int32Bias``), as integer
     runtimes compute them: onnxruntime's QDQ fusions round a float bias to that grid themselves, which moved up to
     20% of top-1 decisions at W4A4 (docs/cpu-gpu.md, "onnxruntime's optimization levels"). The CPU/GPU profiles set "int32".
-    ``scale_init``: how the learned weight and activation scales start — "mse" (default: the scale that minimises
-    the local quantization MSE, Brevitas' ``*MSE`` quantizers) or "stats" (Brevitas' defaults: the weights' max |w|,
-    the activations' 99.999th percentile, ReLU6 at 6). At 2–4 bits a max-based scale rounds most weights to 0
-    (docs/workflow.md has the measurements).
+    ``scale_init``: how the learned weight and activation scales start — "mse" (the scale that minimises the local
+    quantization MSE, Brevitas' ``*MSE`` quantizers), "stats" (Brevitas' defaults: the weights' max |w|, the
+    activations' 99.999th percentile, ReLU6 at 6) or "auto" (default): "mse" when weights or activations have ≤ 4
+    bits, where a max-based scale rounds most weights to 0, else "stats" (at 8 bits MSE gained nothing on
+    fashion-dscnn and cost EfficientNet-Lite0 per-channel W8A8 54 pt of PTQ top-1; docs/workflow.md).
     """
 
     weight_bit_width: int = Field(4, ge=2, le=8)
@@ -54,7 +60,19 @@ class QuantSpec(_Strict):
     equalize: bool = False
     bias_correction: bool = False
     bias: Literal["float", "int32"] = "float"
-    scale_init: Literal["stats", "mse"] = "mse"
+    scale_init: Literal["auto", "stats", "mse"] = "auto"
+
+    def resolved_scale_init(self) -> str:
+        """"stats" or "mse": ``scale_init`` with "auto" decided by the bit widths (see the class docstring)."""
+        if self.scale_init != "auto":
+            return self.scale_init
+        return "mse" if min(self.weight_bit_width, self.act_bit_width) <= MSE_MAX_BITS else "stats"
+
+    def edge_layer_bits(self) -> tuple[int, int]:
+        """Weight bit widths of the first conv and the last compute layer (see the class docstring)."""
+        default = LOW_BIT_EDGE_LAYER_BITS if self.weight_bit_width < 4 else self.weight_bit_width
+        first, last = self.first_layer_weight_bit_width, self.last_layer_weight_bit_width
+        return (default if first is None else first), (default if last is None else last)
 
     def label(self) -> str:
         """Short name, e.g. ``W4A4`` or ``W4A4 per-channel``."""

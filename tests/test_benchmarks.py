@@ -13,14 +13,17 @@ def test_smoke_table(tmp_path):
     assert pfq_accuracy.main(["--smoke", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "pfq_accuracy.json").read_text())
     rows = {r["method"]: r for r in doc["rows"]}
-    assert set(rows) == {"qat", "pfq-eps+qat", "cle-bc"}
-    assert len(doc["runs"]) == 6 and {r["seed"] for r in doc["runs"]} == {0, 1}
-    qat, cle = rows["qat"], rows["cle-bc"]
+    assert set(rows) == {"qat", "pfq+qat", "qat-stats", "cle-bc"}
+    assert len(doc["runs"]) == 8 and {r["seed"] for r in doc["runs"]} == {0, 1}
+    qat, pfq, stats, cle = rows["qat"], rows["pfq+qat"], rows["qat-stats"], rows["cle-bc"]
     assert qat["weight_bits"] == 261_632 and qat["filters_removed"] == 0  # W4 × 65,408 weights of fashion-dscnn
-    # the default model has no σ² ≤ ε filter either: the bn-epsilon rule leaves plain QAT, reported as such
-    assert rows["pfq-eps+qat"]["same_as"] == "qat" and rows["pfq-eps+qat"]["top1_mean"] == qat["top1_mean"]
+    # the SGD-trained default has constant filters: PfQ (hardware-aware at the FPGA profile) removes some
+    assert pfq["filters_removed"] > 0 and pfq["weight_bits"] < qat["weight_bits"]
     assert cle["top1_std"] == 0 and cle["top1_mean"] == cle["ptq_mean"]  # PTQ only: the seed changes nothing
-    assert cle["ptq_mean"] > qat["ptq_mean"] + 0.1  # CLE + bias correction lifts W4A4 PTQ (60 % → 84 % measured)
+    # the paper's claim: its constant filters set the folded range; removed, W4A4 PTQ recovers (11.4 → 87.2 %
+    # measured on these 500 images; QAT on 256 images cannot make up for it)
+    assert pfq["ptq_mean"] > qat["ptq_mean"] + 0.3 and pfq["top1_mean"] > qat["top1_mean"] + 0.3
+    assert stats["method"] == "qat-stats" and stats["filters_removed"] == 0
     md = (tmp_path / "pfq_accuracy.md").read_text()
     assert "| fashion-dscnn | W4A4 | cle-bc |" in md and "--smoke" in md
     assert (tmp_path / "pfq_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

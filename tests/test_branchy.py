@@ -49,7 +49,7 @@ def _check_pfq(report):
 def test_concat_with_constant_filters_compiles(concat_weights, tmp_path, target):
     out = tmp_path / target
     proc = run("compile", "--target", target, "--model", "user_models:concat_net", "--model-arg", "num_classes=10",
-               "--weights", concat_weights, "--epochs", "0", "--out", out)
+               "--weights", concat_weights, "--epochs", "0", "--channel-multiple", "1", "--out", out)
     assert proc.returncode in (0, 9), proc.stderr[-2000:]  # 9: a budget missed, output complete
     report = json.loads((out / "report.json").read_text())
     _check_pfq(report)
@@ -64,17 +64,21 @@ def test_concat_with_constant_filters_compiles(concat_weights, tmp_path, target)
 
 
 def test_the_mobilenetv2_zoo_model_compiles_for_fpga_with_finn_golden_checks(tmp_path):
-    """fashion-mbv2 (inverted residual blocks, identity adds, ReLU6, global average pooling; 52 constant filters,
-    every one of them removed): PfQ exact, FINN streams its forks and joins, and FINN's own graphs match QONNX."""
+    """fashion-mbv2 (inverted residual blocks, identity adds, ReLU6, global average pooling; 52 constant filters):
+    PfQ exact and hardware-aware (64 filters removed, the rest neutralized so that channel counts stay multiples of
+    8), FINN streams its forks and joins, FINN's own graphs match QONNX, and the design is no larger than the
+    unpruned architecture's."""
     out = tmp_path / "mbv2"
     proc = run("compile", "--target", "fpga", "--model", "fashion-mbv2", "--epochs", "0", "--out", out)
     assert proc.returncode in (0, 9), proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     prune = report["stages"]["prune"]
-    assert prune["exact"] and prune["filters_removed"] == 104 and prune["golden"]["max_abs_diff"] <= 1e-4
+    assert prune["exact"] and prune["filters_removed"] == 64 and prune["golden"]["max_abs_diff"] <= 1e-4
+    assert prune["channel_multiple"] == 8 and all(r["channels_after"] % 8 == 0 for r in prune["layers"])
     estimate = report["stages"]["estimate"]
     kinds = {row["layer"].rsplit("_", 2)[0] for row in estimate["layers"]}
     assert {"DuplicateStreams", "ElementwiseAdd", "GlobalAccPool", "VVAU", "MVAU"} <= kinds
     assert [g["stage"].split(" vs")[0] for g in estimate["golden"]] == [
         "FINN graph after step_qonnx_to_finn", "FINN graph after streamlining", "FINN graph after step_convert_to_hw"]
     assert all(g["passed"] for g in estimate["golden"]) and estimate["verdicts"]["fit"]["verdict"] == "fits"
+    assert estimate["unpruned"]["pfq_vs_unpruned"]["verdict"] == "no larger"

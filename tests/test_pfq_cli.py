@@ -24,7 +24,7 @@ def planted_weights(tmp_path):
     """The shipped model with 4 dead and 2 positive-constant filters, saved as safetensors."""
     from safetensors.torch import save_file
 
-    model = load_model("fashion-dscnn").module
+    model = load_model("fashion-dscnn-adam").module
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     plant_constant(convs[4], bns[4], [0, 1, 2, 3], [-0.1, -0.2, -0.3, -0.4])
@@ -97,11 +97,11 @@ def test_plain_safetensors_is_not_a_pruned_model(tmp_path):
 def test_save_pruned_records_spec_and_structure(tmp_path, images):
     from pfq_edge.zoo import pruned_metadata
 
-    model = load_model("fashion-dscnn").module
+    model = load_model("fashion-dscnn-adam").module
     pruned, analysis = analyze_pfq(model, images[:1])
-    path = save_pruned(pruned, analysis.plan, "fashion-dscnn", tmp_path / "p.safetensors")
+    path = save_pruned(pruned, analysis.plan, "fashion-dscnn-adam", tmp_path / "p.safetensors")
     meta = pruned_metadata(path)
-    assert meta["model"] == "fashion-dscnn" and json.loads(meta["structure"])["out"] == {}
+    assert meta["model"] == "fashion-dscnn-adam" and json.loads(meta["structure"])["out"] == {}
 
 
 def test_prune_check_keeps_borders_exact_and_refuses_a_bad_approximation(tmp_path):
@@ -128,7 +128,7 @@ def test_prune_check_keeps_borders_exact_and_refuses_a_bad_approximation(tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert "removal: exact" in proc.stdout and "1 neutralized" in proc.stdout and "top-1 agreement 100.00%" in proc.stdout
     out.unlink()
-    model = load_model("fashion-dscnn").module
+    model = load_model("fashion-dscnn-adam").module
     with torch.no_grad():
         model[13].running_var[:3] = 1e-6  # σ² ≤ ε, yet informative: the BN amplifies them
     weights = tmp_path / "informative.safetensors"

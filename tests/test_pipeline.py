@@ -13,12 +13,12 @@ from pfq_edge.zoo import load_model
 
 
 def test_prune_stage_reports_removed_filters_and_passes_its_golden_check(test_split, tmp_path):
-    model = copy.deepcopy(load_model("fashion-dscnn").module)
+    model = copy.deepcopy(load_model("fashion-dscnn-adam").module)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     plant_constant(convs[2], bns[2], [3, 40], [-0.2, -1.0])        # dead ReLU: exact
     plant_constant(convs[-1], bns[-1], [7, 8, 9], [0.3, 0.6, 0.9])  # 1×1 conv → max pool → linear: exact
-    c = compilation(model, test=test_split.subset(2000), tmp_path=tmp_path)
+    c = compilation(model, overrides={"pfq": {"channel_multiple": 1}}, test=test_split.subset(2000), tmp_path=tmp_path)
     result = prune(c)
     prune_doc = result.report()
     assert prune_doc["filters_removed"] == 7 and prune_doc["exact"]  # 2 + the 2 depthwise they feed + 3

@@ -111,6 +111,12 @@ class PrunePlan:
         return out
 
     @property
+    def exact(self) -> bool:
+        """Whether the pruned model computes the same function: every group exact and, under an approximate rule
+        (bn-epsilon, near-constant), nothing neutralized either (a neutralized filter's output becomes β)."""
+        return all(g.exact for g in self.groups) and (self.rule == "exact" or not self.neutralized)
+
+    @property
     def filters_removed(self) -> int:
         """Filters deleted in all layers (a constant filter and the depthwise filter it feeds count as two)."""
         return sum(len(c) for c in self.removed_by_layer().values())

@@ -337,3 +337,48 @@ def test_hardware_aware_pfq_keeps_the_fpga_design_at_or_below_the_unpruned_one(t
     plan = plans["hardware-aware"]
     assert plan.filters_removed == 16 and len(plan.neutralized) == 1 and len(plan.neutralized[0].channels) == 2
     assert "kept for folding" in plan.neutralized[0].reason
+
+
+def test_fast_branchy_streamlining_gives_finns_own_graph(tmp_path, images, monkeypatch):
+    """finn_steps' speed-ups of FINN's streamlining (ComposedTransformation's clean-up skipped where it would give the
+    same graph back; shape inference without the weights' values — here for every weight, not only large ones) give
+    byte for byte the graph FINN's own transformations give, on a residual block with a depthwise convolution and a
+    global average pool."""
+    import contextlib
+    import copy
+
+    import torch
+    from qonnx.core.modelwrapper import ModelWrapper
+    from torch import nn
+
+    from pfq_edge.export.device import finn_steps
+    from pfq_edge.export.finn_build import write_finn_input_model
+    from pfq_edge.targets.backends.finn.driver import finn_session
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.bn0 = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.dw, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
+            self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.bn0(self.stem(x)))
+            y = torch.relu(self.bn1(self.dw(x)) + x)
+            return self.fc(torch.flatten(self.pool(y), 1))
+
+    torch.manual_seed(0)
+    path = write_finn_input_model(fpga_qonnx(Block().eval(), images, tmp_path / "b.onnx"), tmp_path / "in.onnx", 8)
+    with finn_session(tmp_path) as (_, config):
+        from finn.builder import build_dataflow_steps as steps
+
+        cfg = config.DataflowBuildConfig(output_dir=str(tmp_path / "o"), synth_clk_period_ns=10.0,
+                                         generate_outputs=[])
+        tidy = steps.step_tidy_up(steps.step_qonnx_to_finn(ModelWrapper(str(path)), cfg), cfg)
+        monkeypatch.setattr(finn_steps, "_LARGE_INITIALIZER_BYTES", 0)
+        ours = finn_steps.step_pfq_streamline_branchy(ModelWrapper(copy.deepcopy(tidy.model)), cfg)
+        for name in ("_composed_cleanup_only_after_changes", "_shapes_inferred_without_weights"):
+            monkeypatch.setattr(finn_steps, name, contextlib.nullcontext)
+        finns = finn_steps.step_pfq_streamline_branchy(ModelWrapper(copy.deepcopy(tidy.model)), cfg)
+    assert ours.model.SerializeToString() == finns.model.SerializeToString()
+    assert ours.get_nodes_by_op_type("MultiThreshold") and not ours.get_nodes_by_op_type("GlobalAveragePool")

@@ -36,8 +36,9 @@ class QuantSpec(_Strict):
 
     ``first_layer_weight_bit_width`` / ``last_layer_weight_bit_width`` set the first conv and the last compute layer
     (the classifier); None: 8 when ``weight_bit_width`` < 4 (as FINN's and Brevitas' 2-bit examples keep them:
-    measured on fashion-dscnn W2A2 63.0 → 71.4 %, docs/workflow.md), else ``weight_bit_width``. ``bn``: "fold" BN into the conv before fine-tuning (the
-    paper's order, default) or "keep" it float during fine-tuning (quantized weights are then the unfolded ones).
+    measured on fashion-dscnn-adam W2A2 63.0 → 71.4 %, docs/workflow.md), else ``weight_bit_width``.
+    ``bn``: "fold" BN into the conv before fine-tuning (the paper's order, default) or "keep" it float during
+    fine-tuning (quantized weights are then the unfolded ones).
     ``equalize``: Brevitas cross-layer equalization before quantization; ``bias_correction``: Brevitas bias
     correction after calibration. ``bias``: "float" keeps biases float (FINN absorbs them into its thresholds) or
     "int32" quantizes them on the accumulator grid, input scale × weight scale (Brevitas ``Int32Bias``), as integer

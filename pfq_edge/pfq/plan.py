@@ -470,6 +470,9 @@ def _plan(gm: fx.GraphModule, ctx: _Context, padded: str) -> PrunePlan:
     return plan
 
 
+FOLDING_REASON = "kept for folding"
+
+
 def align_channels(gm: fx.GraphModule, plan: PrunePlan, ctx: _Context, multiple: int) -> None:
     """Hardware-aware PfQ: neutralize instead of remove the constant filters whose removal would leave a layer with
     a channel count that is not a multiple of g = gcd(its count, ``multiple``); modifies ``plan`` in place.
@@ -491,7 +494,7 @@ def align_channels(gm: fx.GraphModule, plan: PrunePlan, ctx: _Context, multiple:
             count = gm.get_submodule(conv).out_channels
             g = math.gcd(count, multiple)
             if (count - len(channels)) % g:
-                misaligned[conv] = g
+                misaligned[conv] = (g, count - len(channels))
         if not misaligned:
             return
         candidate = next(((i, g) for i, g in reversed(list(enumerate(plan.groups)))
@@ -504,8 +507,9 @@ def align_channels(gm: fx.GraphModule, plan: PrunePlan, ctx: _Context, multiple:
         chain = chains[group.producer]
         c = group.channels[-1]
         layers = sorted({r.conv for r in group.removals if r.conv in misaligned})
-        _neutralize(plan, chain, c, f"kept for folding: removing it would leave {layers[0]!r} with a channel count "
-                                    f"that is not a multiple of {misaligned[layers[0]]} (channel_multiple {multiple})")
+        g, count = misaligned[layers[0]]
+        _neutralize(plan, chain, c, f"{FOLDING_REASON}, neutralized: removing them would leave {layers[0]!r} with "
+                                    f"{count} channels, not a multiple of {g} (channel_multiple {multiple})")
         rest = group.channels[:-1]
         if rest:
             plan.groups[index] = _plan_group(gm, chain, gm.get_submodule(chain.bn), rest, ctx)
@@ -514,8 +518,8 @@ def align_channels(gm: fx.GraphModule, plan: PrunePlan, ctx: _Context, multiple:
 
 
 def _neutralize(plan: PrunePlan, chain: Chain, channel: int, reason: str) -> None:
-    for n in plan.neutralized:
-        if n.conv == chain.conv and n.reason == reason:
+    for n in plan.neutralized:  # one entry per layer; its reason names the count that removing them all would leave
+        if n.conv == chain.conv and n.reason.startswith(FOLDING_REASON):
             n.channels = sorted(n.channels + [channel])
             return
     plan.neutralized.append(Neutralized(chain.conv, chain.bn, [channel], reason))

@@ -81,4 +81,7 @@ def test_the_mobilenetv2_zoo_model_compiles_for_fpga_with_finn_golden_checks(tmp
     assert [g["stage"].split(" vs")[0] for g in estimate["golden"]] == [
         "FINN graph after step_qonnx_to_finn", "FINN graph after streamlining", "FINN graph after step_convert_to_hw"]
     assert all(g["passed"] for g in estimate["golden"]) and estimate["verdicts"]["fit"]["verdict"] == "fits"
-    assert estimate["unpruned"]["pfq_vs_unpruned"]["verdict"] == "no larger"
+    # no resource above the unpruned design's, at the profile's target fps or more (measured: 25,319 vs 25,922 LUT,
+    # 10,482 vs 10,629 fps — folding for the unpruned 10,629 fps would have cost more than the unpruned design)
+    unpruned = estimate["unpruned"]
+    assert unpruned["pfq_vs_unpruned"]["larger"] == [] and estimate["throughput_fps"] >= unpruned["profile_target_fps"]

@@ -165,7 +165,7 @@ def compute_layers(qmodel: nn.Module) -> list[str]:
 def _set_edge_layer_bits(qm: nn.Module, spec) -> None:
     # Rebuild the weight quantizer of the first / last layer from its injector with another bit width.
     layers = compute_layers(qm)
-    for name, bits in zip((layers[0], layers[-1]), spec.edge_layer_bits()):
+    for name, bits in zip((layers[0], layers[-1]), spec.edge_layer_bits(len(layers))):
         if bits != spec.weight_bit_width:
             proxy = qm.get_submodule(name).weight_quant
             proxy.quant_injector = proxy.quant_injector.let(bit_width=bits)

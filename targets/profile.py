@@ -35,7 +35,8 @@ class QuantSpec(_Strict):
     """Bit widths (2–8), weight-scale granularity, BN handling and the PTQ aids of the quantized network.
 
     ``first_layer_weight_bit_width`` / ``last_layer_weight_bit_width`` set the first conv and the last compute layer
-    (the classifier); None: 8 when ``weight_bit_width`` < 4 (as FINN's and Brevitas' 2-bit examples keep them:
+    (the classifier); None: 8 when ``weight_bit_width`` < 4 and the network has ≥ 3 compute layers (as FINN's and
+    Brevitas' 2-bit examples keep them:
     measured on fashion-dscnn-adam W2A2 63.0 → 71.4 %, docs/workflow.md), else ``weight_bit_width``.
     ``bn``: "fold" BN into the conv before fine-tuning (the paper's order, default) or "keep" it float during
     fine-tuning (quantized weights are then the unfolded ones).
@@ -69,9 +70,12 @@ class QuantSpec(_Strict):
             return self.scale_init
         return "mse" if min(self.weight_bit_width, self.act_bit_width) <= MSE_MAX_BITS else "stats"
 
-    def edge_layer_bits(self) -> tuple[int, int]:
-        """Weight bit widths of the first conv and the last compute layer (see the class docstring)."""
-        default = LOW_BIT_EDGE_LAYER_BITS if self.weight_bit_width < 4 else self.weight_bit_width
+    def edge_layer_bits(self, compute_layers: int = 3) -> tuple[int, int]:
+        """Weight bit widths of the first conv and the last compute layer (see the class docstring) of a network
+        with ``compute_layers`` conv/linear layers; with fewer than 3 the 8-bit default would leave no layer at the
+        asked bit width, so there it is ``weight_bit_width`` too."""
+        low = self.weight_bit_width < 4 and compute_layers >= 3
+        default = LOW_BIT_EDGE_LAYER_BITS if low else self.weight_bit_width
         first, last = self.first_layer_weight_bit_width, self.last_layer_weight_bit_width
         return (default if first is None else first), (default if last is None else last)
 

@@ -51,7 +51,8 @@ def test_transfer_model_keeps_the_constant_channels_and_the_guard_refuses_bn_eps
     test, train = load_split("test").subset(300), load_split("train").subset(1024)
 
     def state(rule):
-        return compilation(model, overrides={"pfq": {"rule": rule}}, test=test, train=train, tmp_path=tmp_path)
+        return compilation(model, overrides={"pfq": {"rule": rule, "channel_multiple": 1}}, test=test, train=train,
+                           tmp_path=tmp_path)
 
     prune = prune_step(state("exact")).report()
     assert prune["constant_total"] == 130 and prune["constant_removed"] == 130

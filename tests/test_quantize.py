@@ -17,7 +17,11 @@ def test_bn_is_folded_and_bit_widths_follow_the_spec(images):
     model = randomize_bn(tiny_dscnn())
     qm = quantize_model(model, QuantSpec(weight_bit_width=3, act_bit_width=5))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in qm.modules())
-    assert {int(m.quant_weight().bit_width) for m in _quant_layers(qm)} == {3}
+    bits = [int(m.quant_weight().bit_width) for m in _quant_layers(qm)]
+    assert set(bits[1:-1]) == {3} and bits[0] == bits[-1] == 8  # below 4 bits the first conv and classifier stay 8-bit
+    qm3 = quantize_model(model, QuantSpec(weight_bit_width=3, act_bit_width=5, first_layer_weight_bit_width=3,
+                                          last_layer_weight_bit_width=3))
+    assert {int(m.quant_weight().bit_width) for m in _quant_layers(qm3)} == {3}
     acts = [m for m in qm.modules() if type(m).__name__ == "QuantReLU"]
     assert acts and {int(a.act_quant.bit_width()) for a in acts} == {5}
     # the float model is untouched (folding works on a copy)

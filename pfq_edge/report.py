@@ -59,7 +59,8 @@ def method(c) -> str:
     p, q, ft = c.profile.pfq, c.profile.quant, c.profile.finetune
     multiple = channel_multiple(c.profile)
     pfq = "no PfQ" if p.rule == "off" else f"PfQ {p.rule}" + (f" (channel multiple {multiple})" if multiple > 1 else "")
-    first, last = q.edge_layer_bits()
+    layers = c.result("quantize").size["layers"]  # the bit widths the quantized model has
+    first, last = layers[0]["bit_width"], layers[-1]["bit_width"]
     edge = f", first/last layer {first}/{last}-bit" if (first, last) != (q.weight_bit_width,) * 2 else ""
     tune = "no fine-tuning (PTQ)" if ft.epochs == 0 else (
         f"QAT {ft.epochs} epochs" + (f", distillation α {ft.distill_alpha:g}" if ft.distill_alpha else ""))

@@ -70,7 +70,7 @@ class QuantSpec(_Strict):
             return self.scale_init
         return "mse" if min(self.weight_bit_width, self.act_bit_width) <= MSE_MAX_BITS else "stats"
 
-    def edge_layer_bits(self, compute_layers: int = 3) -> tuple[int, int]:
+    def edge_layer_bits(self, compute_layers: int) -> tuple[int, int]:
         """Weight bit widths of the first conv and the last compute layer (see the class docstring) of a network
         with ``compute_layers`` conv/linear layers; with fewer than 3 the 8-bit default would leave no layer at the
         asked bit width, so there it is ``weight_bit_width`` too."""

@@ -326,9 +326,7 @@ def test_hardware_aware_pfq_keeps_the_fpga_design_at_or_below_the_unpruned_one(t
             with torch.no_grad():
                 assert torch.allclose(m(images), model(images), atol=1e-5)
         counts[name] = [c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d)]
-        qm = quantize_model(m, profile.quant)
-        calibrate(qm, images)
-        path = export_qonnx(qm, images[:1], tmp_path / f"{len(designs)}.onnx")
+        path = fpga_qonnx(m, images, tmp_path / f"{len(designs)}.onnx")  # FINN's resources: shapes and bits
         designs[name] = finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / f"b{len(designs)}")
     assert counts["all removed"][2:4] == [22, 22] and counts["hardware-aware"][2:4] == [24, 24]
     aware, unpruned, every = designs["hardware-aware"], designs["unpruned"], designs["all removed"]

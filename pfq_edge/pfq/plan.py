@@ -497,8 +497,8 @@ def align_channels(gm: fx.GraphModule, plan: PrunePlan, ctx: _Context, multiple:
                 misaligned[conv] = (g, count - len(channels))
         if not misaligned:
             return
-        candidate = next(((i, g) for i, g in reversed(list(enumerate(plan.groups)))
-                          if not g.adds and any(r.conv in misaligned for r in g.removals)), None)
+        candidate = next(((i, grp) for i, grp in reversed(list(enumerate(plan.groups)))
+                          if not grp.adds and any(r.conv in misaligned for r in grp.removals)), None)
         if candidate is None:
             plan.warnings.append(f"channel counts of {', '.join(sorted(misaligned))} are not multiples of "
                                  f"{multiple}: their constant filters are removed through element-wise adds")

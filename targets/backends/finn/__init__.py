@@ -120,10 +120,9 @@ def _folding_goal(fpga, reference):
 
 
 def _larger(pruned, reference) -> list[str]:
-    return [r for r in RESOURCE_KEYS if pruned.totals.get(r, 0) > reference.totals.get(r, 0)]
+    from pfq_edge.targets.backends.finn.driver import RESOURCES
 
-
-RESOURCE_KEYS = ("LUT", "BRAM_18K", "URAM", "DSP")
+    return [r for r in RESOURCES if pruned.totals.get(r, 0) > reference.totals.get(r, 0)]
 
 
 def _compare(pruned, reference, goal, profile, tried=None) -> dict:
@@ -186,13 +185,16 @@ def _unpruned_lines(fpga: dict) -> list[str]:
     if not ref:
         return []
     cmp, res = ref["pfq_vs_unpruned"], ("LUT", "BRAM_18K", "DSP")
-    goal = ref.get("folding_goal_fps")
-    raised = (f"; PfQ's design folded for {goal} fps, the unpruned design's throughput (FINN's folding of it "
-              f"overshoots the profile's target)" if goal and goal != ref.get("profile_target_fps") else "")
-    if ref.get("raised_goal_tried"):
-        t = ref["raised_goal_tried"]
-        raised = (f"; folded for {t['target_fps']} fps PfQ's design needed {t['totals']['LUT']:.0f} LUT / "
-                  f"{t['totals']['BRAM_18K']:.0f} BRAM_18K, more than the unpruned design: the profile's goal was used")
+    goal, tried = ref.get("folding_goal_fps"), ref.get("raised_goal_tried")
+    if tried:
+        raised = (f"; folded for {tried['target_fps']} fps PfQ's design needed {tried['totals']['LUT']:.0f} LUT / "
+                  f"{tried['totals']['BRAM_18K']:.0f} BRAM_18K, more than the unpruned design: the profile's goal "
+                  f"was used")
+    elif goal and goal != ref.get("profile_target_fps"):
+        raised = (f"; PfQ's design folded for {goal} fps, the unpruned design's throughput (FINN's folding of it "
+                  f"overshoots the profile's target)")
+    else:
+        raised = ""
     return [f"- PfQ's design vs the unpruned architecture (same bits): **{cmp['verdict']}** — "
             + ", ".join(f"{r} {fpga['totals'][r]:.0f} vs {ref['totals'][r]:.0f}" for r in res)
             + f", {fpga['throughput_fps']:.0f} vs {ref['throughput_fps']:.0f} fps (unpruned: {ref['fit']}{raised})"]

@@ -140,9 +140,16 @@ def _quantize_after_normalization(qm: fx.GraphModule, pixel_quant: fx.Node, bits
     out = _normalization_output(qm)
     quant = qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat, bit_width=bits, return_quant_tensor=True)
     users = list(out.users)
-    if len(users) == 1 and users[0].op == "call_module" and isinstance(qm.get_submodule(users[0].target),
-                                                                      qnn.QuantIdentity):
-        setattr(qm, users[0].target, quant)  # Brevitas' own quantizer before the first layer: replace it
+    own = [u for u in users if u.op == "call_module" and isinstance(qm.get_submodule(u.target), qnn.QuantIdentity)]
+    if own:
+        # Brevitas' own quantizer before the first layer: replace it, and let the other readers (e.g. a
+        # ``x.size(0)``, as in EfficientNet's forward) read its output. Two quantizers in a row would requantize the
+        # 8-bit input to the act width, where half the values land on rounding ties that FINN's thresholds break
+        # upwards and Brevitas/QONNX to even (7.8 % of EfficientNet-Lite0's stem inputs).
+        setattr(qm, own[0].target, quant)
+        for user in users:
+            if user is not own[0]:
+                user.replace_input_with(out, own[0])
     else:
         qm.add_submodule("input_quant", quant)
         with qm.graph.inserting_after(out):

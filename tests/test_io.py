@@ -58,3 +58,21 @@ def test_progress_lines_keep_coming_while_one_long_step_runs(monkeypatch, capsys
         advance(1)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("long step: ")]
     assert len(lines) >= 3 and lines[0].startswith("long step: 0/2")
+
+
+def test_progress_lines_name_the_unit_and_what_runs(monkeypatch, capsys):
+    import time
+
+    from pfq_edge import progress
+
+    monkeypatch.delenv("PFQ_EDGE_QUIET", raising=False)
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.2)
+    with progress.progress_bar("FINN build", total=None, unit="FINN steps") as advance:
+        advance(0, total=12)
+        advance(0, now="step_tidy_up")
+        advance(1)
+        advance(0, now="step_streamline")
+        time.sleep(0.5)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("FINN build: ")]
+    assert lines and lines[0].startswith("FINN build: 1/12 FINN steps (8%), ") \
+        and lines[0].endswith(" — step_streamline")

@@ -133,7 +133,8 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
     lint.preflight(ModelWrapper(str(model_path)))
     log_path = out_dir / "build.log"
     failure: list = []  # why the step that raised did: our own check's ToolchainError, or describe_failure's line
-    with progress_bar(description, total=None) as advance, open(log_path, "a") as log, \
+    with progress_bar(description, total=None, unit="FINN steps") as advance, \
+            open(log_path, "a") as log, \
             contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
             finn_session(build_dir) as (build_dataflow, config), _time_limit(FINN_TIME_LIMIT_S) as step:
         from finn.builder import build_dataflow_steps as steps_lib
@@ -148,6 +149,7 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
             from pfq_edge.export.device.finn_steps import step_pfq_clip_thresholds
 
             functions.insert(names.index("step_streamline") + 1, step_pfq_clip_thresholds)
+        advance(0, total=len(functions))
         cfg = config.DataflowBuildConfig(
             output_dir=str(out_dir),
             synth_clk_period_ns=1000.0 / fpga.clock_mhz,
@@ -265,6 +267,7 @@ def _with_progress(step, advance, current: list, failure: list):
 
     def run(model, cfg):
         current[0] = step.__name__
+        advance(0, now=step.__name__)
         try:
             result = step(model, cfg)
             if step.__name__ == "step_convert_to_hw":

@@ -181,6 +181,10 @@ def compile_cmd(
     tuning_db: Optional[Path] = typer.Option(None, "--tuning-db", help="CPU targets: reuse this MetaSchedule "
                                                                         "database folder (default: --out's "
                                                                         "tvm_tuning/ if it exists)."),
+    compare_unpruned: Optional[bool] = typer.Option(None, "--compare-unpruned/--no-compare-unpruned",
+                                                    show_default=False,
+                                                    help="FPGA targets: also build the unpruned architecture with "
+                                                         "FINN and report both designs (profile; on)."),
     out: Path = typer.Option(Path("pfq-out"), "--out", "-o", help="Output folder (written atomically)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Fashion-MNIST IDX folder "
@@ -212,6 +216,7 @@ def compile_cmd(
         "finetune": {"epochs": epochs, "train_samples": train_samples, "lr": lr, "schedule": schedule,
                      "seed": seed, "distill_alpha": distill, "validation_images": val_images, "patience": patience},
         "runtime": {"tune_trials": tune_trials},
+        "fpga": {"compare_unpruned": compare_unpruned},
     }
     cfg = CompileConfig(model=model, target=targets[0], out=out, weights=weights, overrides=overrides,
                         data_dir=data_dir, force=force, checkpoint=checkpoint, resume=resume, tuning_db=tuning_db,

@@ -66,7 +66,8 @@ def effective_profile(cfg: CompileConfig):
 
 def effective_profiles(cfg: CompileConfig, targets: list[str]) -> list:
     """The profile of each target with ``cfg.overrides`` applied. With several targets, target-specific options
-    (e.g. --tune-trials) apply to the targets that run on this machine and are ignored for the others.
+    (e.g. --tune-trials, --no-compare-unpruned) apply to the targets that run on this machine and have their
+    section, and are ignored for the others.
     Raises ProfileError (also for a target named twice)."""
     import dataclasses
 
@@ -80,6 +81,9 @@ def effective_profiles(cfg: CompileConfig, targets: list[str]) -> list:
         if len(targets) > 1 and not backend_for(base.kind).runs_here(base):
             one = dataclasses.replace(one, overrides={k: v for k, v in cfg.overrides.items()
                                                       if k in FRONT_END_SECTIONS})
+        elif len(targets) > 1:  # an FPGA-only option (--no-compare-unpruned) is not an error for the CPU target
+            one = dataclasses.replace(one, overrides={k: v for k, v in cfg.overrides.items()
+                                                      if k in FRONT_END_SECTIONS or getattr(base, k, None)})
         profiles.append(effective_profile(one))
     names = [p.name for p in profiles]
     if len(set(names)) < len(names):

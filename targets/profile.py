@@ -141,6 +141,10 @@ class FpgaSpec(_Strict):
     target_fps: int | None = Field(None, gt=0)
     folding_file: str | None = None
     max_utilization: float = Field(0.85, gt=0, le=1.0)
+    # Also build the unpruned architecture with FINN when PfQ removed filters, to report both designs and fold
+    # PfQ's for the unpruned design's fps where that is faster than target_fps. A second FINN build: on
+    # EfficientNet-Lite0 it doubles the estimate step (~16 → ~32 min here), hence the switch.
+    compare_unpruned: bool = True
 
     @model_validator(mode="after")
     def _one_folding_goal(self):

@@ -227,6 +227,36 @@ def test_finn_graphs_match_qonnx_and_a_tampered_step_is_named(estimate, tmp_path
         finn_golden_checks(tampered, reference, x, profile.quant.input_bit_width)
 
 
+def test_a_finn_graph_that_diverges_stops_the_build_at_that_step(tmp_path, images, monkeypatch):
+    # The checks run inside the build: a fault FINN's streamlining would bring (here one threshold tensor moved above
+    # every input) fails the compile right after that step, before HW conversion and folding.
+    from pfq_edge.errors import GoldenCheckError
+    from pfq_edge.runners.onnx import run_qonnx
+    from pfq_edge.targets.backends.finn.driver import FinnGoldenChecks, finn_session
+
+    profile = load_profile("fpga")
+    path = fpga_qonnx(tiny_dscnn(), images, tmp_path / "m.onnx")
+    x = images[:8].numpy()
+    with finn_session(tmp_path / "s"):
+        import finn.builder.build_dataflow_steps as finn_steps
+
+    streamline = finn_steps.step_streamline
+
+    def step_streamline(model, cfg):
+        model = streamline(model, cfg)
+        node = next(n for n in model.graph.node if n.op_type == "MultiThreshold")
+        model.set_initializer(node.input[1], model.get_initializer(node.input[1]) + 1e4)
+        return model
+
+    monkeypatch.setattr(finn_steps, "step_streamline", step_streamline)
+    checks = FinnGoldenChecks(run_qonnx(path, x), x, profile.quant.input_bit_width)
+    with pytest.raises(GoldenCheckError, match="after streamlining"):
+        finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / "build", golden=checks)
+    assert [r.passed for r in checks.results] == [True]  # step_qonnx_to_finn passed, streamlining failed
+    saved = {p.stem for p in (tmp_path / "build" / "finn" / "intermediate_models").glob("*.onnx")}
+    assert "step_tidy_up" in saved and "step_convert_to_hw" not in saved
+
+
 def test_a_finn_build_that_does_not_finish_is_stopped_with_its_step_named(tmp_path, images, monkeypatch):
     from pfq_edge.errors import ToolchainError
     from pfq_edge.targets.backends.finn import driver

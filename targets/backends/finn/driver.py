@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pfq_edge.errors import ToolchainError, first_line
+from pfq_edge.errors import GoldenCheckError, ToolchainError, first_line
 from pfq_edge.export.finn_build import write_finn_input_model
 from pfq_edge.progress import progress_bar
 
@@ -111,16 +111,25 @@ def is_branchy(onnx_path: Path) -> bool:
     return any(n > 1 for name, n in readers.items() if name not in constants)
 
 
+REFOLD_FROM = "step_target_fps_parallelization"  # FINN's first step that reads the folding goal
+
+
 def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
                   clip_thresholds: bool = False, branchy: bool | None = None,
-                  description: str = "FINN estimate build") -> FinnEstimate:
+                  description: str = "FINN estimate build", golden: "FinnGoldenChecks | None" = None,
+                  refold: bool = False) -> FinnEstimate:
     """Run FINN's estimate-only dataflow build on ``qonnx_path`` for ``fpga`` (FpgaSpec: part, clock, target fps
     or folding file). Reports land in ``build_dir/finn/report``; FINN's log in ``build_dir/finn/build.log``.
     ``clip_thresholds``: add export/device/finn_steps.py's step after streamlining (models that normalise their
     input; the default models' builds stay FINN's own step list). ``branchy``: replace ``step_streamline`` with
     ``step_pfq_streamline_branchy`` (None: when ``is_branchy`` says the graph forks, joins or pools globally).
 
-    Raises ToolchainError with FINN's error if the build fails (e.g. a layer FINN cannot map).
+    ``golden``: FinnGoldenChecks run inside the build (its ``results`` filled in). ``refold``: continue the
+    previous build in ``build_dir`` from its folding step (``REFOLD_FROM``) with this ``fpga``'s folding goal — the
+    graph up to there does not depend on it (seconds instead of a whole EfficientNet build).
+
+    Raises ToolchainError with FINN's error if the build fails (e.g. a layer FINN cannot map), GoldenCheckError
+    naming the step after which FINN's graph diverged from the QONNX model.
     """
     build_dir = Path(build_dir).resolve()
     out_dir = build_dir / "finn"
@@ -149,16 +158,19 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
             from pfq_edge.export.device.finn_steps import step_pfq_clip_thresholds
 
             functions.insert(names.index("step_streamline") + 1, step_pfq_clip_thresholds)
-        advance(0, total=len(functions))
+        advance([f.__name__ for f in functions].index(REFOLD_FROM) if refold else 0, total=len(functions))
+        if golden is not None:
+            golden.plan([f.__name__ for f in functions])
         cfg = config.DataflowBuildConfig(
             output_dir=str(out_dir),
             synth_clk_period_ns=1000.0 / fpga.clock_mhz,
             fpga_part=fpga.part,
             target_fps=fpga.target_fps,
             folding_config_file=Path(fpga.folding_file).resolve() if fpga.folding_file else None,
-            steps=[_with_progress(f, advance, step, failure) for f in functions],
+            steps=[_with_progress(f, advance, step, failure, golden) for f in functions],
             generate_outputs=[config.DataflowOutputType.ESTIMATE_REPORTS],
             save_intermediate_models=True,
+            start_step=REFOLD_FROM if refold else None,
         )
         try:
             rc = build_dataflow.build_dataflow_cfg(str(model_path), cfg)
@@ -166,14 +178,14 @@ def finn_estimate(qonnx_path: Path, fpga, input_bits: int, build_dir: Path,
             log.flush()
             raise ToolchainError(f"FINN estimate build stopped: {step[0]} did not finish within {FINN_TIME_LIMIT_S} s "
                                  f"(FINN's log: {_keep_log(log_path)})") from None
-        except ToolchainError:  # our own checks inside a step (lint.check_conversion): their line says it all
+        except (ToolchainError, GoldenCheckError):  # our own checks inside a step: their line says it all
             raise
         except Exception as exc:  # FINN re-raises under pytest; otherwise it returns -1 (handled below)
             log.flush()
             why = str(failure[0]) if failure else first_line(exc, 200)
             raise ToolchainError(f"FINN estimate build failed in {why} (FINN's log: {_keep_log(log_path)})") from None
     if rc != 0:
-        if failure and isinstance(failure[0], ToolchainError):
+        if failure and isinstance(failure[0], (ToolchainError, GoldenCheckError)):
             raise failure[0]
         kept = _keep_log(log_path)
         why = failure[0] if failure else finn_error(log_path)
@@ -196,34 +208,63 @@ CHECKED_STEPS = (("step_qonnx_to_finn", "FINN graph after step_qonnx_to_finn"),
                  ("step_convert_to_hw", "FINN graph after step_convert_to_hw"))
 
 
-def finn_golden_checks(build_dir: Path, reference, images, input_bits: int) -> list:
-    """FINN's intermediate models of the build in ``build_dir`` — after QONNX→FINN conversion, after streamlining
-    (its last streamlining step), after HW conversion — executed with FINN's python executor on ``images`` (N, C, H,
-    W) in [0, 1] as UINT<input_bits> pixels, each against ``reference``, the QONNX model's logits (N, classes) on the
-    same images, like FINN's own ``verify_steps``. Returns GoldenResults in step order; raises GoldenCheckError
-    naming the first step that diverges. Needs FINN's settings (inside ``finn_session``)."""
-    import numpy as np
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.core.onnx_exec import execute_onnx
+def _is_streamlining(step_name: str) -> bool:
+    return "streamline" in step_name or "clip_thresholds" in step_name
 
-    from pfq_edge.golden import check
 
-    folder = Path(build_dir) / "finn" / "intermediate_models"
-    saved = {p.stem: p for p in folder.glob("*.onnx")}
-    pixels = np.round(np.asarray(images, dtype=np.float64) * (2 ** input_bits - 1)).astype(np.float32)
-    results = []
-    for key, stage in CHECKED_STEPS:
-        names = [n for n in saved if "streamline" in n or "clip_thresholds" in n] if key == "streamline" else \
-            [key] if key in saved else []
-        if not names:
-            continue
-        path = saved[max(names, key=lambda n: saved[n].stat().st_mtime_ns)]  # the last of them FINN wrote
-        model = ModelWrapper(str(path))
+class FinnGoldenChecks:
+    """FINN's graph after QONNX→FINN conversion, after streamlining (its last streamlining step) and after HW
+    conversion, executed with FINN's python executor on ``images`` (N, C, H, W) in [0, 1] as UINT<input_bits> pixels,
+    each against ``reference``, the QONNX model's logits (N, classes) on the same images — like FINN's own
+    ``verify_steps``. Called by ``finn_estimate`` right after each of those steps, so a divergence stops the build
+    at the step that caused it (minutes into an EfficientNet build, not after it). ``results``: GoldenResults in
+    step order. Needs FINN's settings (inside ``finn_session``)."""
+
+    def __init__(self, reference, images, input_bits: int):
+        import numpy as np
+
+        self.reference = reference
+        self.pixels = np.round(np.asarray(images, dtype=np.float64) * (2 ** input_bits - 1)).astype(np.float32)
+        self.results: list = []
+        self._after: dict[str, str] = {}
+
+    def plan(self, step_names: list[str]) -> None:
+        """Decide after which of the build's steps (names in order) each check runs."""
+        streamlining = [n for n in step_names if _is_streamlining(n)]
+        for key, stage in CHECKED_STEPS:
+            name = (streamlining[-1] if streamlining else None) if key == "streamline" else key
+            if name in step_names:
+                self._after[name] = stage
+
+    def after_step(self, step_name: str, model) -> None:
+        """Check ``model`` (ModelWrapper) if ``step_name`` is a checked step; raises GoldenCheckError naming it."""
+        import numpy as np
+        from qonnx.core.onnx_exec import execute_onnx
+
+        from pfq_edge.golden import check
+
+        if step_name not in self._after:
+            return
         iname, oname = model.graph.input[0].name, model.graph.output[0].name
         out = np.concatenate([np.asarray(execute_onnx(model, {iname: px[None]})[oname]).reshape(1, -1)
-                              for px in pixels])
-        results.append(check("finn", f"{stage} vs QONNX", reference, out))
-    return results
+                              for px in self.pixels])
+        self.results.append(check("finn", f"{self._after[step_name]} vs QONNX", self.reference, out))
+
+
+def finn_golden_checks(build_dir: Path, reference, images, input_bits: int) -> list:
+    """``FinnGoldenChecks`` on the intermediate models a finished build in ``build_dir`` saved (FINN's
+    ``save_intermediate_models``): the same checks after the fact, e.g. on a build continued elsewhere. Returns
+    GoldenResults in step order; raises GoldenCheckError naming the first step that diverges. Needs FINN's
+    settings (inside ``finn_session``)."""
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    folder = Path(build_dir) / "finn" / "intermediate_models"
+    saved = sorted(folder.glob("*.onnx"), key=lambda p: p.stat().st_mtime_ns)  # in the order FINN wrote them
+    checks = FinnGoldenChecks(reference, images, input_bits)
+    checks.plan([p.stem for p in saved])
+    for path in saved:
+        checks.after_step(path.stem, ModelWrapper(str(path)))
+    return checks.results
 
 
 FINN_TIME_LIMIT_S = 1200  # seconds for the whole estimate build (small nets: ~10 s; EfficientNet-Lite0: minutes)
@@ -258,11 +299,11 @@ def _time_limit(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-def _with_progress(step, advance, current: list, failure: list):
+def _with_progress(step, advance, current: list, failure: list, golden: "FinnGoldenChecks | None" = None):
     """``step`` with the progress bar advanced after it, its name kept in ``current`` (for the time limit), and —
     when it raises — the line describing why put in ``failure`` (FINN's builder logs the exception and returns -1,
     so this is where the node and the assertion are still known). After ``step_convert_to_hw``, the nodes FINN did
-    not map are checked."""
+    not map are checked; after the steps ``golden`` checks, FINN's graph is checked against the QONNX model."""
     from pfq_edge.targets.backends.finn import lint
 
     def run(model, cfg):
@@ -272,7 +313,9 @@ def _with_progress(step, advance, current: list, failure: list):
             result = step(model, cfg)
             if step.__name__ == "step_convert_to_hw":
                 lint.check_conversion(result)
-        except ToolchainError as exc:
+            if golden is not None:
+                golden.after_step(step.__name__, result)
+        except (ToolchainError, GoldenCheckError) as exc:
             failure[:] = [exc]
             raise
         except Exception as exc:

@@ -18,6 +18,8 @@ with profile overrides, so a method here is exactly what ``pfq-edge compile`` do
     qat-stats     plain QAT with Brevitas' stats-initialised scales (max |w|, percentile; --scale-init stats)
     pfq+qat-stats PfQ exact, then QAT with stats-initialised scales
     pfq+qat+kd    PfQ exact, then QAT with distillation from the float model (--distill 0.5)
+    bnkeep+qat    no PfQ, BN kept float through QAT (--bn keep), its statistics re-estimated after quantizer
+                  insertion: the unfolded weights never see γ/σ, the other way around PfQ's problem
 
 Every method quantizes with the profile's defaults otherwise: MSE-initialised learned scales (--scale-init mse),
 the first conv and the classifier at 8 bits below 4-bit weights, FPGA channel multiple 8 (hardware-aware PfQ).
@@ -52,6 +54,7 @@ METHODS = {
     "qat-stats": {"pfq": {"rule": "off"}, "quant": {"scale_init": "stats"}},
     "pfq+qat-stats": {"pfq": {"rule": "exact"}, "quant": {"scale_init": "stats"}},
     "pfq+qat+kd": {"pfq": {"rule": "exact"}, "finetune": {"distill_alpha": 0.5}},
+    "bnkeep+qat": {"pfq": {"rule": "off"}, "quant": {"bn": "keep"}},
 }
 BITS = {
     "W8A8": {"weight_bit_width": 8, "act_bit_width": 8},

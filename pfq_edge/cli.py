@@ -146,6 +146,9 @@ def compile_cmd(
     granularity: Optional[str] = typer.Option(None, "--granularity", help="Weight scales: per-tensor | "
                                                                            "per-channel (profile)."),
     bn: Optional[str] = typer.Option(None, "--bn", help="fold BN before fine-tuning (default) | keep it float."),
+    bn_reestimate: Optional[bool] = typer.Option(None, "--bn-reestimate/--no-bn-reestimate", show_default=False,
+                                                 help="With --bn keep: re-estimate BN statistics after quantizer "
+                                                      "insertion (profile; on)."),
     equalize: Optional[bool] = typer.Option(None, "--equalize/--no-equalize", show_default=False,
                                             help="Cross-layer equalization before quantization (profile; off)."),
     bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction",
@@ -211,7 +214,8 @@ def compile_cmd(
     overrides = {
         "quant": {"weight_bit_width": weight_bits, "act_bit_width": act_bits, "weight_granularity": granularity,
                   "first_layer_weight_bit_width": first_layer_bits, "last_layer_weight_bit_width": last_layer_bits,
-                  "bn": bn, "equalize": equalize, "bias_correction": bias_correction, "scale_init": scale_init},
+                  "bn": bn, "bn_reestimate": bn_reestimate, "equalize": equalize, "bias_correction": bias_correction,
+                  "scale_init": scale_init},
         "pfq": {"rule": pfq_rule, "channel_multiple": channel_multiple},
         "finetune": {"epochs": epochs, "train_samples": train_samples, "lr": lr, "schedule": schedule,
                      "seed": seed, "distill_alpha": distill, "validation_images": val_images, "patience": patience},

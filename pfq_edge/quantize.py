@@ -190,6 +190,32 @@ def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 256) ->
     qmodel.eval()
 
 
+def reestimate_bn(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 256) -> int:
+    """Re-estimate every BatchNorm's running mean/var of ``qmodel`` (a Brevitas model with BN kept) on ``images``
+    (N, C, H, W) with its quantizers in place: BN layers in train mode with a cumulative average (momentum None),
+    everything else in eval mode, no gradients — "BN adaptation" as in NNCF, AIMET. Returns the number of BN
+    layers. Run after ``calibrate``: Brevitas' activation scales are initialised once (a second calibration leaves
+    them as they are, measured), so they stay those of the first calibration."""
+    bns = [m for m in qmodel.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    momenta = [m.momentum for m in bns]
+    qmodel.eval()
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                qmodel(images[i:i + batch_size])
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        qmodel.eval()
+    return len(bns)
+
+
 def correct_bias(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 256) -> None:
     """Brevitas bias correction: each layer's bias absorbs the mean shift between its float and quantized
     outputs on ``images`` (N, C, H, W). Run after ``calibrate``."""

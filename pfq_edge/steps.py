@@ -320,16 +320,20 @@ class QuantizeResult(StepResult):
 def quantize(c: Compilation) -> QuantizeResult:
     """Fold BN (or keep it), optionally equalize, insert Brevitas quantizers at the profile's bit widths,
     calibrate, optionally correct biases, measure PTQ top-1."""
-    from pfq_edge.quantize import calibrate, correct_bias, quantize_model, weight_bits
+    from pfq_edge.quantize import calibrate, correct_bias, quantize_model, reestimate_bn, weight_bits
     from pfq_edge.train import accuracy
 
     spec = c.profile.quant
     c.qmodel = quantize_model(c.pruned_model, spec)
     calib = c.data.train.take(CALIBRATION_IMAGES).images
     calibrate(c.qmodel, calib)
+    reestimated = 0
+    if spec.bn == "keep" and spec.bn_reestimate:
+        reestimated = reestimate_bn(c.qmodel, calib)
     if spec.bias_correction:
         correct_bias(c.qmodel, calib)
-    return QuantizeResult(settings={**spec.model_dump(), "scale_init_used": spec.resolved_scale_init()},
+    return QuantizeResult(settings={**spec.model_dump(), "scale_init_used": spec.resolved_scale_init(),
+                                    "bn_reestimated_layers": reestimated},
                           calibration_images=len(calib),
                           size=weight_bits(c.qmodel), ptq_top1=accuracy(c.qmodel, c.data.test))
 

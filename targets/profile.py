@@ -39,7 +39,10 @@ class QuantSpec(_Strict):
     Brevitas' 2-bit examples keep them:
     measured on fashion-dscnn-adam W2A2 63.0 → 71.4 %, docs/workflow.md), else ``weight_bit_width``.
     ``bn``: "fold" BN into the conv before fine-tuning (the paper's order, default) or "keep" it float during
-    fine-tuning (quantized weights are then the unfolded ones).
+    fine-tuning (quantized weights are then the unfolded ones). ``bn_reestimate``: with "keep", re-estimate the BN
+    running mean/var on the calibration images after the quantizers are inserted (the statistics the float
+    network gathered no longer describe the quantized convs' outputs; fashion-dscnn W3A3, no PfQ, PTQ on 2,000 test
+    images: 85.3 → 90.4 %); ignored with "fold".
     ``equalize``: Brevitas cross-layer equalization before quantization; ``bias_correction``: Brevitas bias
     correction after calibration. ``bias``: "float" keeps biases float (FINN absorbs them into its thresholds) or
     "int32" quantizes them on the accumulator grid, input scale × weight scale (Brevitas ``Int32Bias``), as integer
@@ -59,6 +62,7 @@ class QuantSpec(_Strict):
     first_layer_weight_bit_width: int | None = Field(None, ge=2, le=8)
     last_layer_weight_bit_width: int | None = Field(None, ge=2, le=8)
     bn: Literal["fold", "keep"] = "fold"
+    bn_reestimate: bool = True
     equalize: bool = False
     bias_correction: bool = False
     bias: Literal["float", "int32"] = "float"

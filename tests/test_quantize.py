@@ -88,3 +88,22 @@ def test_a_normalised_input_has_one_quantizer_when_the_forward_reads_its_size():
     x = torch.rand(2, 3, 8, 8)
     calibrate(qm, x)
     assert qm(x).shape == (2, 3)
+
+
+def test_bn_statistics_are_reestimated_on_the_quantized_convs_outputs(images):
+    from pfq_edge.quantize import reestimate_bn
+
+    qm = quantize_model(randomize_bn(tiny_dscnn()), QuantSpec(weight_bit_width=3, act_bit_width=3, bn="keep"))
+    x = images[:64]
+    calibrate(qm, x)
+    bn = next(m for m in qm.modules() if isinstance(m, nn.BatchNorm2d))
+    seen = []
+    hook = bn.register_forward_hook(lambda m, inp, out: seen.append(getattr(inp[0], "value", inp[0]).detach()))
+    with torch.no_grad():
+        qm(x)
+    hook.remove()
+    mean, var = seen[0].mean((0, 2, 3)), seen[0].var((0, 2, 3))
+    assert not torch.allclose(bn.running_mean, mean, atol=1e-3)  # the float network's statistics
+    assert reestimate_bn(qm, x) == sum(isinstance(m, nn.BatchNorm2d) for m in qm.modules()) > 0
+    assert torch.allclose(bn.running_mean, mean, atol=1e-5) and torch.allclose(bn.running_var, var, rtol=1e-4)
+    assert not bn.training and bn.momentum == 0.1  # back in eval mode with its momentum

@@ -398,8 +398,14 @@ def analyze_cmd(
 
 def _removal_kind(plan) -> str:
     """One line: is the pruned model the same function (exact), or an approximation to check with data?"""
-    neutral = sum(len(n.channels) for n in plan.neutralized)
-    kept = f"; {neutral} neutralized (weights zeroed, output β kept)" if neutral else ""
+    causes: dict[str, int] = {}
+    for n in plan.neutralized:
+        causes[n.why] = causes.get(n.why, 0) + len(n.channels)
+    neutral = sum(causes.values())
+    phrase = {"zero padding": "at zero padding", "shape": "for shapes", "folding": "for the channel multiple",
+              "last channel": "as a layer's last channels"}
+    by = ", ".join(f"{k} {phrase.get(why, why)}" for why, k in causes.items())
+    kept = f"; {neutral} neutralized (weights zeroed, output β kept: {by})" if neutral else ""
     adds = sorted({a for g in plan.groups for a in g.adds})
     if adds:
         kept += f"; removed through {len(adds)} add{'s' if len(adds) > 1 else ''} (every member constant)"

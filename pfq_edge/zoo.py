@@ -385,9 +385,16 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None,
         state = load_weights(Path(weights))
         # A head-only file (transfer learning) completes a factory that loaded its own backbone weights.
         head_only = entry.info.get("head_only_weights") and Path(weights) == entry.weights
+        own = module.state_dict()
+        differ = [f"{k} {list(v.shape)} in the file, {list(own[k].shape)} in the model" for k, v in state.items()
+                  if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+        if differ:
+            raise ModelError(f"weights {weights} do not match model {spec!r}: {len(differ)} tensor"
+                             f"{'s differ' if len(differ) > 1 else ' differs'} in shape ({'; '.join(differ[:3])}"
+                             f"{'; …' if len(differ) > 3 else ''})")
         try:
             result = module.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # a shape mismatch
+        except RuntimeError as exc:  # anything else load_state_dict refuses
             raise ModelError(f"weights {weights} do not match model {spec!r}: {one_line(exc, 300)}") from None
         missing = [] if head_only else result.missing_keys
         if missing or result.unexpected_keys:

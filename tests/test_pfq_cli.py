@@ -50,7 +50,8 @@ def test_analyze_json_and_plot(planted_weights, tmp_path):
     left = {x["layer"]: x for x in doc["constant_left"]}
     assert left["18"]["filters"] == 2 and "zero padding in the zero-padded depthwise conv '21'" in left["18"]["reason"]
     text = run("analyze", "pfq_edge.zoo:fashion_dscnn", "--weights", str(planted_weights))
-    assert "removal: exact" in text.stdout and "2 neutralized" in text.stdout
+    assert "removal: exact" in text.stdout and "2 neutralized" in text.stdout and "2 at zero padding" in text.stdout
+    assert [n["why"] for n in doc["neutralized"]] == ["zero padding"]
     r = rows["12"]
     assert r["step_before"] == pytest.approx(r["folded_max_abs_before"] / 3)  # 3-bit symmetric: 2^2 - 1 levels
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

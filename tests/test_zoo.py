@@ -64,6 +64,21 @@ def test_mismatched_weights(tmp_path):
         load_model("fashion-dscnn", weights=path)
 
 
+def test_weights_of_another_width_name_each_tensor_that_differs(tmp_path):
+    from safetensors.torch import save_file
+
+    state = load_weights(WEIGHTS_DIR / "fashion-dscnn.safetensors")
+    first = next(k for k, v in state.items() if v.dim() == 4)
+    bn = next(k for k in state if k.endswith("running_var"))
+    state[first] = torch.zeros(state[first].shape[0] + 1, *state[first].shape[1:])
+    state[bn] = torch.ones(state[bn].numel() + 2)
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ModelError, match="2 tensors differ in shape") as info:
+        load_model("fashion-dscnn", weights=path)
+    assert first in str(info.value) and bn in str(info.value) and "in the file" in str(info.value)
+
+
 def test_non_finite_weights_are_refused(tmp_path):
     state = load_weights(WEIGHTS_DIR / "fashion-dscnn.safetensors")
     state["0.weight"] = state["0.weight"].clone()

@@ -225,7 +225,7 @@ def _images(x, what: str):
     elif x.ndim == 4 and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)
     elif not (x.ndim == 4 and x.shape[1] in (1, 3)):
-        raise DataError(f"{what} has shape {x.shape}; expected (N, H, W) or (N, H, W, C) with C 1 or 3")
+        raise DataError(f"{what} has shape {x.shape}; expected (N, H, W), (N, H, W, C) or (N, C, H, W) with C 1 or 3")
     if len(x) == 0:
         raise DataError(f"{what} holds no images")
     if x.dtype == np.uint8:

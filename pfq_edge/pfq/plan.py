@@ -88,6 +88,8 @@ class Neutralized:
     bn: str
     channels: list[int]
     reason: str
+    #: the short cause, for counts: "zero padding", "shape", "folding" (channel multiple), "last channel" (``reason`` says it in full)
+    why: str = "shape"
 
 
 @dataclass
@@ -462,7 +464,8 @@ def _plan(gm: fx.GraphModule, ctx: _Context, padded: str) -> PrunePlan:
                    if len(removed.get(r.conv, set()) | set(r.channels)) >= gm.get_submodule(r.conv).out_channels]
         if emptied:  # never a layer with 0 channels: keep these filters, neutralized
             plan.neutralized.append(Neutralized(chain.conv, chain.bn, channels,
-                                                f"kept: removing them would leave {emptied[0]!r} with 0 channels"))
+                                                f"kept: removing them would leave {emptied[0]!r} with 0 channels",
+                                                why="last channel"))
             continue
         plan.groups.append(group)
         for r in group.removals:
@@ -522,7 +525,7 @@ def _neutralize(plan: PrunePlan, chain: Chain, channel: int, reason: str) -> Non
         if n.conv == chain.conv and n.reason.startswith(FOLDING_REASON):
             n.channels = sorted(n.channels + [channel])
             return
-    plan.neutralized.append(Neutralized(chain.conv, chain.bn, [channel], reason))
+    plan.neutralized.append(Neutralized(chain.conv, chain.bn, [channel], reason, why="folding"))
 
 
 def _keep_exact(gm, chain: Chain, bn: nn.BatchNorm2d, group: PruneGroup, ctx: _Context,
@@ -536,7 +539,7 @@ def _keep_exact(gm, chain: Chain, bn: nn.BatchNorm2d, group: PruneGroup, ctx: _C
     where = per_filter[padded[0]].inexact[0]
     plan.neutralized.append(Neutralized(chain.conv, chain.bn, padded,
                                         f"exact: its constant meets zero padding in {where}; removing it would change "
-                                        f"the output at the borders"))
+                                        f"the output at the borders", why="zero padding"))
     rest = [c for c in group.channels if c not in padded]
     return _plan_group(gm, chain, bn, rest, ctx) if rest else None
 

@@ -33,6 +33,7 @@ shuffling); logical weight bits; filters removed; share of weights whose integer
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -208,7 +209,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    markers = dict(zip(METHODS, "osD^vPXh<>*p"))
+    markers = dict(zip(METHODS, itertools.cycle("osD^vPXh<>*p")))  # more methods than marker shapes: reuse
     for ax, model in zip(axes[0], models):
         for method in METHODS:
             pts = [r for r in rows if r["model"] == model and r["method"] == method and "top1_mean" in r]

@@ -345,6 +345,19 @@ def _act_bits_for(target: str, act_bits: Optional[int]) -> int:
     return act_bits if act_bits is not None else load_profile(target).quant.act_bit_width
 
 
+def _multiple_for(target: str, bits: Optional[int], given: Optional[int]) -> int:
+    """--channel-multiple, or what ``compile --target`` would use (its profile's, else its backend's at ``bits``)."""
+    if given is not None:
+        return given
+    from pfq_edge.steps import channel_multiple
+    from pfq_edge.targets.profile import load_profile
+
+    profile = load_profile(target)
+    if bits is not None:
+        profile = profile.model_copy(update={"quant": profile.quant.model_copy(update={"weight_bit_width": bits})})
+    return channel_multiple(profile)
+
+
 @app.command("analyze")
 def analyze_cmd(
     model: str = typer.Argument(..., help="Zoo name (e.g. efficientnet-lite0), package.module:factory, or a pruned "
@@ -362,10 +375,11 @@ def analyze_cmd(
     act_bits: Optional[int] = typer.Option(None, "--act-bits", min=2, max=8,
                                            help="Activation bit width of rule near-constant (default: the fpga "
                                                 "profile's, or --target's)."),
-    channel_multiple: int = typer.Option(1, "--channel-multiple", min=1, max=1024,
-                                         help="Hardware-aware PfQ: layers that lose filters keep channel counts "
-                                              "that are multiples of gcd(count, N); the constant filters that "
-                                              "would break it are neutralized instead (FPGA compiles: 8 at W4)."),
+    channel_multiple: Optional[int] = typer.Option(None, "--channel-multiple", min=1, max=1024,
+                                                   help="Hardware-aware PfQ: layers that lose filters keep channel "
+                                                        "counts that are multiples of gcd(count, N); the constant "
+                                                        "filters that would break it are neutralized instead "
+                                                        "(default: what compile --target uses; fpga: 8 at W4)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of folded-weight range per layer."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ) -> None:
@@ -380,7 +394,8 @@ def analyze_cmd(
     loaded = load_model(model, weights, _model_args(model_arg))
     shape = _input_shape(loaded, input_shape)
     _, analysis = analyze_pfq(loaded.module, torch.zeros(1, *shape), bits=_bits_for(target, bits), tol=tol,
-                              rule=rule, act_bits=_act_bits_for(target, act_bits), channel_multiple=channel_multiple)
+                              rule=rule, act_bits=_act_bits_for(target, act_bits),
+                              channel_multiple=_multiple_for(target, bits, channel_multiple))
     if plot is not None:
         from pfq_edge.plots import plot_folded_ranges
 
@@ -439,6 +454,9 @@ def _print_analysis(model: str, a, plot: Optional[Path]) -> None:
     console.print(f"constant filters ({rule}): {a.constant_total}; removed {a.constant_removed}; "
                   f"left {a.constant_total - a.constant_removed}. Filters removed in all layers: "
                   f"{a.plan.filters_removed}.")
+    if a.plan.channel_multiple > 1:
+        console.print(f"hardware-aware PfQ: pruned channel counts stay multiples of {a.plan.channel_multiple} "
+                      f"(--channel-multiple 1 removes every constant filter it can)")
     console.print(_removal_kind(a.plan))
     for left in a.constant_left:
         console.print(f"  left in {left['layer']}: {left['filters']} — {left['reason']}")
@@ -467,7 +485,8 @@ def prune_cmd(
     channel_multiple: int = typer.Option(1, "--channel-multiple", min=1, max=1024,
                                          help="Hardware-aware PfQ: layers that lose filters keep channel counts "
                                               "that are multiples of gcd(count, N); the constant filters that "
-                                              "would break it are neutralized instead (FPGA compiles: 8 at W4)."),
+                                              "would break it are neutralized instead (default 1: any target; "
+                                              "compile --target fpga uses 8 at W4)."),
     check: int = typer.Option(0, "--check", min=0, help="Compare pruned vs original logits on this many test "
                                                          "images of --data."),
     data: Optional[str] = _shared("data"),
@@ -501,7 +520,7 @@ def prune_cmd(
                                    act_bits=_act_bits_for("fpga", act_bits), channel_multiple=channel_multiple)
     result = {"model": model, "out": str(out), "rule": rule, "filters_removed": analysis.plan.filters_removed,
               "constant_total": analysis.constant_total, "constant_left": analysis.constant_left,
-              "exact": analysis.plan.exact}
+              "exact": analysis.plan.exact, "warnings": analysis.plan.warnings}
     if check:
         result["check"] = _compare_on_images(loaded, pruned, check, dataset, rule)
     try:
@@ -516,6 +535,8 @@ def prune_cmd(
     typer.echo(f"constant filters: {analysis.constant_total} found, {analysis.constant_removed} removed; filters "
                f"removed in all layers: {result['filters_removed']}; wrote {out}")
     typer.echo(_removal_kind(analysis.plan))
+    for w in analysis.plan.warnings:
+        typer.echo(f"  warning: {w}")
     if check:
         c = result["check"]
         typer.echo(f"on {c['images']} real images: max |Δlogit| {c['max_abs_diff']:.3g}, top-1 agreement "

@@ -220,7 +220,7 @@ def prune_section(prune: dict) -> list[str]:
         return ["## PfQ", "", "Rule `off`: no filter removed (plain quantization-aware fine-tuning).", ""]
     check = prune.get("golden") or prune.get("guard") or {}
     where = "test" if rule == "exact" else "calibration"
-    text = ("post-BN std ≤ %g (exact; design.md §2)" % prune.get("tol") if rule == "exact" else
+    text = ("post-BN std ≤ %g (exact; docs/workflow.md, \"The PfQ rules\")" % prune.get("tol") if rule == "exact" else
             f"{rule}: {REPLACES.get(rule, rule)} (approximate; guarded by top-1 agreement ≥ "
             f"{pct(check.get('min_agreement'))} on the calibration images)")
     multiple = prune.get("channel_multiple", 1)

@@ -389,9 +389,13 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None,
         differ = [f"{k} {list(v.shape)} in the file, {list(own[k].shape)} in the model" for k, v in state.items()
                   if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
         if differ:
+            head_only = entry.info.get("head_only_weights") and Path(weights) == entry.weights
+            keys = [("missing", [] if head_only else [k for k in own if k not in state]),
+                    ("unexpected", [k for k in state if k not in own])]
             raise ModelError(f"weights {weights} do not match model {spec!r}: {len(differ)} tensor"
                              f"{'s differ' if len(differ) > 1 else ' differs'} in shape ({'; '.join(differ[:3])}"
-                             f"{'; …' if len(differ) > 3 else ''})")
+                             f"{'; …' if len(differ) > 3 else ''})"
+                             + "".join(f"; {len(k)} {what} (e.g. {', '.join(k[:2])})" for what, k in keys if k))
         try:
             result = module.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # anything else load_state_dict refuses

@@ -127,7 +127,8 @@ def test_a_node_left_unmapped_by_finns_conversion_is_named_with_its_reason(tmp_p
     profile = load_profile("fpga")
     path = fpga_qonnx(model, images, tmp_path / "u.onnx")
     with pytest.raises(ToolchainError, match=r"did not map 1 node to HW layers \(after step_convert_to_hw\): "
-                                             r"Resize_0 \(Resize\): FINN's UpsampleNearestNeighbour"):
+                                             r"Resize_0 \(Resize between Shuffle and Shuffle\): FINN's "
+                                             r"UpsampleNearestNeighbour .* still NCHW"):
         finn_estimate(path, profile.fpga, profile.quant.input_bit_width, tmp_path / "build")
 
 

@@ -37,7 +37,7 @@ def planted_weights(tmp_path):
 def test_analyze_json_and_plot(planted_weights, tmp_path):
     plot = tmp_path / "ranges.png"
     proc = run("analyze", "pfq_edge.zoo:fashion_dscnn", "--weights", str(planted_weights), "--bits", "3",
-               "--plot", str(plot), "--json")
+               "--channel-multiple", "1", "--plot", str(plot), "--json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     # layer 12's four (ReLU(β < 0) = 0) go; layer 18's two (β > 0) reach the zero-padded depthwise conv 21:
@@ -49,8 +49,12 @@ def test_analyze_json_and_plot(planted_weights, tmp_path):
     assert rows["18"]["channels_after"] == 128 and rows["18"]["neutralized_filters"] == 2
     left = {x["layer"]: x for x in doc["constant_left"]}
     assert left["18"]["filters"] == 2 and "zero padding in the zero-padded depthwise conv '21'" in left["18"]["reason"]
-    text = run("analyze", "pfq_edge.zoo:fashion_dscnn", "--weights", str(planted_weights))
+    text = run("analyze", "pfq_edge.zoo:fashion_dscnn", "--weights", str(planted_weights), "--channel-multiple", "1")
     assert "removal: exact" in text.stdout and "2 neutralized" in text.stdout and "2 at zero padding" in text.stdout
+    # by default analyze plans what `compile --target fpga` does: 128 − 4 is no multiple of 8, so those 4 stay too
+    fpga = json.loads(run("analyze", "pfq_edge.zoo:fashion_dscnn", "--weights", str(planted_weights), "--json").stdout)
+    assert fpga["channel_multiple"] == 8 and fpga["constant_removed"] == 0
+    assert sorted(n["why"] for n in fpga["neutralized"]) == ["folding", "zero padding"]
     assert [n["why"] for n in doc["neutralized"]] == ["zero padding"]
     r = rows["12"]
     assert r["step_before"] == pytest.approx(r["folded_max_abs_before"] / 3)  # 3-bit symmetric: 2^2 - 1 levels

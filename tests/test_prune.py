@@ -269,6 +269,23 @@ def test_a_channel_constant_in_every_member_of_the_adds_is_removed_through_them(
         assert torch.allclose(pruned(images), model(images), atol=1e-5)
 
 
+def test_hardware_aware_pfq_takes_a_removal_through_adds_back_in_every_member(images):
+    """8 channels at channel multiple 8: removing channel 5 through both adds would leave 7 in three layers; each
+    member's filter is neutralized instead (user report: a basic block's add left 31 of 32, FINN's design grew)."""
+    torch.manual_seed(0)
+    model = randomize_bn(TwoBlockResidual().eval())
+    for conv, bn, beta in ((model.stem, model.bn0, 0.4), (model.conv1, model.bn1, -0.1), (model.conv2, model.bn2, 0.3)):
+        plant_constant(conv, bn, [5], [beta])
+    pruned, plan = _prune(model, images, channel_multiple=8)
+    assert plan.filters_removed == 0 and not plan.groups and not plan.warnings
+    assert sorted((n.conv, tuple(n.channels), n.why) for n in plan.neutralized) == [
+        ("conv1", (5,), "folding"), ("conv2", (5,), "folding"), ("stem", (5,), "folding")]
+    assert [m.out_channels for m in (pruned.stem, pruned.conv1, pruned.conv2)] == [8, 8, 8]
+    with torch.no_grad():
+        assert torch.allclose(pruned(images), model(images), atol=1e-5)
+        assert folded_weight(pruned.stem, pruned.bn0)[5].abs().max() == 0  # the range no longer set by it
+
+
 def test_an_add_member_that_is_not_constant_there_keeps_the_channel_neutralized(images):
     torch.manual_seed(0)
     model = randomize_bn(TwoBlockResidual().eval())

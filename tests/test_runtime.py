@@ -313,3 +313,20 @@ def test_report_json_of_a_runtime_compile_renders(tmp_path):
                     "verdict": {"verdict": "meets", "latency_ms": 0.2, "budget_ms": 1.0}}}}
     text = render_markdown(json.loads(json.dumps(doc)))
     assert "| onnxruntime | 0.1000 |" in text and "| 2 |" in text and "**meets**" in text
+
+
+def test_a_latency_whose_median_is_far_above_its_minimum_is_marked_noisy():
+    """User report: torch eager median 192 ms, minimum 0.61 ms on a busy machine, shown as a real ratio."""
+    from pfq_edge.targets.backends.tvm.report import runtime_section
+
+    def engine(label, median, low):
+        return {"label": label, "median_ms": median, "p90_ms": median, "min_ms": low, "max_ms": median,
+                "repeats": 20, "warmup": 10}
+
+    build = {"target": {"kind": "llvm"}, "library": "model.host.so", "elf": {}}
+    measured = {"batch_size": 1, "threads": 2,
+                "engines": [engine("TVM", 0.69, 0.65), engine("onnxruntime", 0.12, 0.11), engine("torch", 192.0, 0.61)]}
+    text = "\n".join(runtime_section({"file": "m.onnx", "bytes": 1, "batch_size": 1}, build, measured))
+    assert "**Noisy timing**: torch median 315× its minimum" in text and "onnxruntime median" not in text
+    measured["engines"][2] = engine("torch", 0.9, 0.6)
+    assert "Noisy" not in "\n".join(runtime_section({"file": "m.onnx", "bytes": 1, "batch_size": 1}, build, measured))

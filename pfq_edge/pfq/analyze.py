@@ -52,13 +52,20 @@ def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: flo
     Method: arXiv:2011.06751 as read in shared/design.md §2–3.
     """
     import copy
+    from collections import Counter
 
     pruned = copy.deepcopy(model).eval()
     gm = trace(pruned, example)
     plan = plan_pfq(gm, tol, rule, act_bits=act_bits, channel_multiple=channel_multiple)
     removed = plan.removed_by_layer()
-    skipped = {sk.layer: sk.reason for sk in plan.skipped} | {n.conv: n.reason for n in plan.neutralized}
-    neutralized = {n.conv: set(n.channels) for n in plan.neutralized}
+    skipped = {sk.layer: sk.reason for sk in plan.skipped}
+    neutralized: dict[str, set[int]] = {}
+    entries = Counter(n.conv for n in plan.neutralized)
+    for n in plan.neutralized:  # a layer can have several entries (zero padding, channel multiple, ...)
+        neutralized.setdefault(n.conv, set()).update(n.channels)
+        why = f"{n.reason} ({len(n.channels)} filter{'s' if len(n.channels) > 1 else ''})" \
+            if entries[n.conv] > 1 else n.reason
+        skipped[n.conv] = f"{skipped[n.conv]}; {why}" if n.conv in skipped else why
     rows, left, seen_bn = [], [], set()
     for chain in conv_chains(gm):
         conv = gm.get_submodule(chain.conv)

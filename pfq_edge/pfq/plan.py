@@ -486,7 +486,8 @@ def align_channels(gm: fx.GraphModule, plan: PrunePlan, ctx: _Context, multiple:
     larger layer; 64 → 56 keeps 1, 2, 4, 8 and every fold 64/PE ≤ 8 of the original, so the pruned layer needs at
     most the original parallelism. Neutralized filters keep the range gain (their folded weights are 0); only the
     MACs saving of removing them is given up. Each step takes back the most recently planned filter that touches a
-    misaligned layer (groups through adds stay as planned), so it ends; at worst nothing is removed.
+    misaligned layer (a group through an add last: its channel is then neutralized in every member of the add),
+    so it ends; at worst nothing is removed.
     """
     plan.channel_multiple = multiple
     chains = {c.conv: c for c in ctx.chains.values()}
@@ -500,19 +501,29 @@ def align_channels(gm: fx.GraphModule, plan: PrunePlan, ctx: _Context, multiple:
                 misaligned[conv] = (g, count - len(channels))
         if not misaligned:
             return
-        candidate = next(((i, grp) for i, grp in reversed(list(enumerate(plan.groups)))
-                          if not grp.adds and any(r.conv in misaligned for r in grp.removals)), None)
+        touching = [(i, grp) for i, grp in reversed(list(enumerate(plan.groups)))
+                    if any(r.conv in misaligned for r in grp.removals)]
+        # a group through an add last: taking one of its channels back neutralizes a filter in every member
+        candidate = next(((i, grp) for i, grp in touching if not grp.adds), None) or next(iter(touching), None)
         if candidate is None:
             plan.warnings.append(f"channel counts of {', '.join(sorted(misaligned))} are not multiples of "
-                                 f"{multiple}: their constant filters are removed through element-wise adds")
+                                 f"{multiple}, and no planned removal touches them")
             return
         index, group = candidate
         chain = chains[group.producer]
         c = group.channels[-1]
         layers = sorted({r.conv for r in group.removals if r.conv in misaligned})
         g, count = misaligned[layers[0]]
-        _neutralize(plan, chain, c, f"{FOLDING_REASON}, neutralized: removing them would leave {layers[0]!r} with "
-                                    f"{count} channels, not a multiple of {g} (channel_multiple {multiple})")
+        reason = (f"{FOLDING_REASON}, neutralized: removing them would leave {layers[0]!r} with {count} channels, "
+                  f"not a multiple of {g} (channel_multiple {multiple})")
+        if group.adds:  # the channel stays in the sum, so each member's filter on it stays too, neutralized
+            single = _plan_group(gm, chain, gm.get_submodule(chain.bn), [c], ctx)
+            for r in single.removals:
+                if r.bn is not None and not r.depthwise and r.conv in chains:
+                    for member_channel in r.channels:
+                        _neutralize(plan, chains[r.conv], member_channel, reason)
+        else:
+            _neutralize(plan, chain, c, reason)
         rest = group.channels[:-1]
         if rest:
             plan.groups[index] = _plan_group(gm, chain, gm.get_submodule(chain.bn), rest, ctx)

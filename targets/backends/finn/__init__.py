@@ -102,7 +102,8 @@ def estimate(c: Compilation) -> EstimateResult:
     golden = [g.as_dict() for g in checks.results]
     verdicts = fpga_verdicts(result, c.profile)
     unpruned = _compare(result, reference, goal, c.profile, tried) if reference is not None else \
-        {"not_built": "fpga.compare_unpruned is off"} if c.result("prune").filters_removed else None
+        {"not_built": "fpga.compare_unpruned is off"} if c.result("prune").filters_removed else \
+        {"not_built": "PfQ removed no filter, so this design has the unpruned architecture", "same": True}
     packaged, run_files = write_finn_reports(result.report_dir, build / "finn" / "build.log", c.work / "finn_reports")
     shutil.rmtree(build)
     with finn_session(c.work / ".finn_config") as _:
@@ -187,11 +188,23 @@ def _zero_note(fpga: dict, fit: dict) -> str:
     return text or "FINN estimated every layer (no zero estimates)."
 
 
+def _vs_unpruned(ref: dict | None) -> str | None:
+    """One summary cell: "no larger (LUT 0.93×, 1.05× fps)", or why there is no comparison."""
+    if not ref:
+        return None
+    if "not_built" in ref:
+        return "same architecture (nothing removed)" if ref.get("same") else "not built"
+    cmp = ref["pfq_vs_unpruned"]
+    return f"{cmp['verdict']} (LUT {cmp['LUT_ratio']:.2f}×, {cmp['fps_ratio']:.2f}× fps)"
+
+
 def _unpruned_lines(fpga: dict) -> list[str]:
     ref = fpga.get("unpruned")
     if not ref:
         return []
     if "not_built" in ref:
+        if ref.get("same"):
+            return [f"- No separate unpruned design: {ref['not_built']}."]
         return [f"- The unpruned architecture was not built for comparison ({ref['not_built']}; "
                 f"`--compare-unpruned` builds it)."]
     cmp, res = ref["pfq_vs_unpruned"], ("LUT", "BRAM_18K", "DSP")
@@ -268,7 +281,8 @@ class FinnBackend(Backend):
         e, v = est.estimate, est.verdicts
         return {"qonnx_bytes": export.bytes, "latency_us": e["latency_us"], "throughput_fps": e["throughput_fps"],
                 **{r: e["totals"][r] for r in ("LUT", "BRAM_18K", "URAM", "DSP")},
-                "fit": v["fit"]["verdict"], "latency_verdict": v["latency"]["verdict"]}
+                "fit": v["fit"]["verdict"], "latency_verdict": v["latency"]["verdict"],
+                "vs_unpruned": _vs_unpruned(getattr(est, "unpruned", None))}
 
     def summary_rows(self, s: dict) -> list[list]:
         rows = [["biases (float, not in the weight bits)", f"{s['bias_params']:,} parameters"],
@@ -278,6 +292,8 @@ class FinnBackend(Backend):
                      ["FINN throughput", f"{s['throughput_fps']:.0f} fps"],
                      ["LUT / BRAM_18K / DSP", f"{s['LUT']:.0f} / {s['BRAM_18K']:.0f} / {s['DSP']:.0f}"],
                      ["fit", s.get("fit", "—")], ["latency budget", s.get("latency_verdict", "—")]]
+            if s.get("vs_unpruned"):
+                rows.append(["PfQ's design vs unpruned", s["vs_unpruned"]])
         return rows
 
     def latency_cell(self, row: dict) -> str:

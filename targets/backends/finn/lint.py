@@ -39,7 +39,9 @@ NO_HW_LAYER = {
 
 NOT_CONVERTED = {
     "Resize": "FINN's UpsampleNearestNeighbour takes nearest-neighbour resizing by an integer factor on an NHWC "
-              "stream; this one was not converted (mode, factor, or the layout transposes around it stayed)",
+              "stream; left between layout transposes (Transpose, or the Shuffle layers FINN makes of them) a Resize "
+              "is still NCHW (FINN's streamlining does not move "
+              "a transpose past it): resize before the model (in the data pipeline) instead",
     "Upsample": "FINN's UpsampleNearestNeighbour takes nearest-neighbour resizing by an integer factor on an NHWC "
                 "stream; this one was not converted",
     "Transpose": "a layout transpose FINN's streamlining could not absorb or move to the graph's ends",
@@ -65,8 +67,17 @@ def _reason(op_type: str) -> str:
     return NO_HW_LAYER.get(op_type) or NOT_CONVERTED.get(op_type) or "no FINN HW layer was inferred for it"
 
 
-def _listing(nodes) -> str:
-    shown = "; ".join(f"{n.name} ({n.op_type}): {_reason(n.op_type)}" for n in nodes[:4])
+def _listing(nodes, graph=None) -> str:
+    """``name (op): reason`` for up to four nodes; with ``graph``, also what it sits between (FINN's conversions
+    match on the neighbours too: a Resize between two Transposes was left in NCHW)."""
+    def where(n) -> str:
+        if graph is None:
+            return ""
+        before = [m.op_type for m in graph.node if set(m.output) & set(n.input)]
+        after = [m.op_type for m in graph.node if set(m.input) & set(n.output)]
+        return f" between {'/'.join(before) or 'the input'} and {'/'.join(after) or 'the output'}"
+
+    shown = "; ".join(f"{n.name} ({n.op_type}{where(n)}): {_reason(n.op_type)}" for n in nodes[:4])
     return shown + (f"; and {len(nodes) - 4} more" if len(nodes) > 4 else "")
 
 
@@ -124,7 +135,7 @@ def check_conversion(model) -> None:
     if bad:
         noun = "node" if len(bad) == 1 else "nodes"
         raise ToolchainError(f"FINN did not map {len(bad)} {noun} to HW layers (after step_convert_to_hw): "
-                             f"{_listing(bad)}")
+                             f"{_listing(bad, model.graph)}")
 
 
 def describe_failure(exc: BaseException, step: str) -> str:

@@ -6,6 +6,8 @@ import json
 
 from pfq_edge.report import pct, table
 
+NOISY_SPREAD = 3.0  # median ÷ min above this marks an engine's timing as noisy in report.md
+
 
 def runtime_section(export: dict, build: dict, measured: dict) -> list[str]:
     """CPU/GPU targets: the QCDQ model, the TVM build and what was checked, latency per engine, the verdict."""
@@ -53,6 +55,14 @@ def runtime_section(export: dict, build: dict, measured: dict) -> list[str]:
                          f"{e.get('max_ms', float('nan')):.4f}", e["repeats"], f"{tvm_ms / e['median_ms']:.3g}"]
                         for e in engines]), "",
                 "A ratio below 1 means TVM is faster than that engine."]
+        # A median far above the minimum means the calls were slowed by something else on the machine (the
+        # minimum is what the engine can do); its ratio then says more about the machine than the engine.
+        noisy = [e for e in engines if e["min_ms"] > 0 and e["median_ms"] / e["min_ms"] > NOISY_SPREAD]
+        if noisy:
+            out += ["", "**Noisy timing**: " + "; ".join(
+                f"{e['label']} median {e['median_ms'] / e['min_ms']:.0f}× its minimum" for e in noisy)
+                + f" (more than {NOISY_SPREAD:g}×): another process was probably using the cores; re-measure on "
+                  "an idle machine before comparing engines."]
     if verdict:
         out.append(f"Latency budget {verdict['budget_ms']} ms: **{verdict['verdict']}**" +
                    (f" (TVM {verdict['latency_ms']:.3f} ms)." if verdict.get("latency_ms") is not None

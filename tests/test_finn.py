@@ -151,7 +151,7 @@ def test_only_nodes_between_hw_layers_count_as_unmapped():
     check_conversion(ends)
     middle = graph([("Transpose", False), ("MVAU", True), ("Mul", False), ("MVAU", True)])
     assert [n.name for n in unmapped_after_conversion(middle)] == ["Mul_2"]
-    with pytest.raises(ToolchainError, match="Mul_2 \\(Mul\\): a floating-point scale"):
+    with pytest.raises(ToolchainError, match="Mul_2 \\(Mul between MVAU and MVAU\\): a floating-point scale"):
         check_conversion(middle)
 
 

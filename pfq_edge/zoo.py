@@ -388,23 +388,18 @@ def load_model(spec: str = DEFAULT_MODEL, weights: Path | str | None = None,
         own = module.state_dict()
         differ = [f"{k} {list(v.shape)} in the file, {list(own[k].shape)} in the model" for k, v in state.items()
                   if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
-        if differ:
-            head_only = entry.info.get("head_only_weights") and Path(weights) == entry.weights
-            keys = [("missing", [] if head_only else [k for k in own if k not in state]),
-                    ("unexpected", [k for k in state if k not in own])]
-            raise ModelError(f"weights {weights} do not match model {spec!r}: {len(differ)} tensor"
-                             f"{'s differ' if len(differ) > 1 else ' differs'} in shape ({'; '.join(differ[:3])}"
-                             f"{'; …' if len(differ) > 3 else ''})"
-                             + "".join(f"; {len(k)} {what} (e.g. {', '.join(k[:2])})" for what, k in keys if k))
+        missing = [] if head_only else [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        problems = [f"{len(differ)} tensor{'s differ' if len(differ) > 1 else ' differs'} in shape "
+                    f"({'; '.join(differ[:3])}{'; …' if len(differ) > 3 else ''})"] if differ else []
+        problems += [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+                     for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        if problems:
+            raise ModelError(f"weights {weights} do not match model {spec!r}: {'; '.join(problems)}")
         try:
-            result = module.load_state_dict(state, strict=False)
+            module.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # anything else load_state_dict refuses
             raise ModelError(f"weights {weights} do not match model {spec!r}: {one_line(exc, 300)}") from None
-        missing = [] if head_only else result.missing_keys
-        if missing or result.unexpected_keys:
-            raise ModelError(f"weights {weights} do not match model {spec!r}: "
-                             + "; ".join(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in
-                                         (("missing", missing), ("unexpected", result.unexpected_keys)) if keys))
     module.eval()
     return LoadedModel(spec, module, entry.input_shape, Path(weights) if weights else None, dict(entry.info),
                        entry.num_classes)

@@ -67,14 +67,14 @@ def _reason(op_type: str) -> str:
     return NO_HW_LAYER.get(op_type) or NOT_CONVERTED.get(op_type) or "no FINN HW layer was inferred for it"
 
 
-def _listing(nodes, graph=None) -> str:
-    """``name (op): reason`` for up to four nodes; with ``graph``, also what it sits between (FINN's conversions
-    match on the neighbours too: a Resize between two Transposes was left in NCHW)."""
+def _listing(nodes, model=None) -> str:
+    """``name (op): reason`` for up to four nodes; with ``model`` (a ModelWrapper), also what each sits between
+    (FINN's conversions match on the neighbours too: a Resize between two Transposes was left in NCHW)."""
     def where(n) -> str:
-        if graph is None:
+        if model is None:
             return ""
-        before = [m.op_type for m in graph.node if set(m.output) & set(n.input)]
-        after = [m.op_type for m in graph.node if set(m.input) & set(n.output)]
+        before = [p.op_type for p in map(model.find_producer, n.input) if p is not None]
+        after = [c.op_type for o in n.output for c in model.find_consumers(o)]
         return f" between {'/'.join(before) or 'the input'} and {'/'.join(after) or 'the output'}"
 
     shown = "; ".join(f"{n.name} ({n.op_type}{where(n)}): {_reason(n.op_type)}" for n in nodes[:4])
@@ -135,7 +135,7 @@ def check_conversion(model) -> None:
     if bad:
         noun = "node" if len(bad) == 1 else "nodes"
         raise ToolchainError(f"FINN did not map {len(bad)} {noun} to HW layers (after step_convert_to_hw): "
-                             f"{_listing(bad, model.graph)}")
+                             f"{_listing(bad, model)}")
 
 
 def describe_failure(exc: BaseException, step: str) -> str:

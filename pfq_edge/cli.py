@@ -418,7 +418,7 @@ def _removal_kind(plan) -> str:
         causes[n.why] = causes.get(n.why, 0) + len(n.channels)
     neutral = sum(causes.values())
     phrase = {"zero padding": "at zero padding", "shape": "for shapes", "folding": "for the channel multiple",
-              "last channel": "as a layer's last channels"}
+              "last channel": "as a layer's last channels", "behind a kept filter": "behind a kept filter"}
     by = ", ".join(f"{k} {phrase.get(why, why)}" for why, k in causes.items())
     kept = f"; {neutral} neutralized (weights zeroed, output β kept: {by})" if neutral else ""
     adds = sorted({a for g in plan.groups for a in g.adds})

@@ -286,6 +286,29 @@ def test_hardware_aware_pfq_takes_a_removal_through_adds_back_in_every_member(im
         assert folded_weight(pruned.stem, pruned.bn0)[5].abs().max() == 0  # the range no longer set by it
 
 
+def test_a_filter_taken_back_for_the_channel_multiple_takes_its_depthwise_follower_along(images):
+    """Hardware-aware PfQ keeps a constant pointwise filter (16 → 15 channels is not a multiple of 8): the depthwise
+    filter it feeds, constant too and planned to go with it, must then be neutralized as well — else its own folded
+    weights keep setting the layer's range (measured: near-constant rule at W3 on the default model, 22.3 instead
+    of 4.5, PTQ 10 %)."""
+    model = randomize_bn(tiny_dscnn())
+    convs, bns = _layers(model)
+    plant_constant(convs[2], bns[2], [5], [-0.3])  # pointwise '6', ReLU(β) = 0
+    with torch.no_grad():  # the depthwise filter behind it: input 0, so its BN saw no variance; large weights
+        convs[3].weight[5] *= 50
+        bns[3].running_var[5] = 0
+        bns[3].running_mean[5] = 0
+    pruned, plan = _prune(model, images, channel_multiple=8)
+    assert plan.filters_removed == 0
+    assert sorted((n.conv, tuple(n.channels), n.why) for n in plan.neutralized) == [
+        ("6", (5,), "folding"), ("9", (5,), "behind a kept filter")]
+    assert float(pruned[9].weight[5].detach().abs().max()) == 0.0
+    before, after = folded_weight(model[9], model[10]).abs().max(), folded_weight(pruned[9], pruned[10]).abs().max()
+    assert after < before / 10
+    with torch.no_grad():
+        assert torch.allclose(pruned(images), model(images), atol=1e-5)
+
+
 def test_an_add_member_that_is_not_constant_there_keeps_the_channel_neutralized(images):
     torch.manual_seed(0)
     model = randomize_bn(TwoBlockResidual().eval())

@@ -88,7 +88,8 @@ class Neutralized:
     bn: str
     channels: list[int]
     reason: str
-    #: the short cause, for counts: "zero padding", "shape", "folding" (channel multiple), "last channel" (``reason`` says it in full)
+    #: the short cause, for counts: "zero padding", "shape", "folding" (channel multiple), "last channel", "behind a
+    #: kept filter" (``reason`` says it in full)
     why: str = "shape"
 
 
@@ -404,6 +405,7 @@ def plan_pfq(gm: fx.GraphModule, tol: float = DEFAULT_TOL, rule: str = "exact",
         plan = _plan(gm, ctx, padded)
         if channel_multiple > 1:
             align_channels(gm, plan, ctx, channel_multiple)
+        _neutralize_followers(gm, plan, ctx)
     if rule != "exact":
         for g in plan.groups:
             g.exact = False
@@ -529,6 +531,35 @@ def align_channels(gm: fx.GraphModule, plan: PrunePlan, ctx: _Context, multiple:
             plan.groups[index] = _plan_group(gm, chain, gm.get_submodule(chain.bn), rest, ctx)
         else:
             del plan.groups[index]
+
+
+def _neutralize_followers(gm: fx.GraphModule, plan: PrunePlan, ctx: _Context) -> None:
+    """Neutralize the constant filters that a kept producer leaves behind, in place.
+
+    A depthwise filter fed by a constant filter is planned as part of its producer's group (removed with it) and
+    so is not a group of its own. When that producer stays instead — neutralized at zero padding, for the channel
+    multiple, for shapes — the follower would keep its own weights, and with them the folded range PfQ is there to
+    fix (measured: rule near-constant at W3 on the default model left a depthwise layer at 22.3 instead of 4.5,
+    PTQ 10 %). Every filter that is constant by the rule and neither removed, neutralized nor left unchanged on
+    purpose (shared modules) is therefore neutralized here: output β as the rule says, range no longer set by it.
+    """
+    removed = plan.removed_by_layer()
+    handled: dict[str, set[int]] = {}
+    for n in plan.neutralized:
+        handled.setdefault(n.conv, set()).update(n.channels)
+    skipped = {s.layer for s in plan.skipped}
+    for chain in ctx.chains.values():
+        if chain.bn is None or chain.conv in skipped or chain.conv in ctx.shared or chain.bn in ctx.shared:
+            continue
+        mask = constant_mask(gm.get_submodule(chain.bn), ctx.tol, ctx.rule, chain.act_fn, ctx.act_bits)
+        if bool(mask.all()):
+            mask[0] = False  # as in _plan: a layer keeps one channel
+        left = [int(i) for i in torch.nonzero(mask).flatten()
+                if int(i) not in removed.get(chain.conv, set()) | handled.get(chain.conv, set())]
+        if left:
+            plan.neutralized.append(Neutralized(
+                chain.conv, chain.bn, left, "constant behind a filter that stays: its producer's filter is kept "
+                "(neutralized), so this one is not removed with it; neutralized too", why="behind a kept filter"))
 
 
 def _neutralize(plan: PrunePlan, chain: Chain, channel: int, reason: str) -> None:

@@ -20,6 +20,9 @@ with profile overrides, so a method here is exactly what ``pfq-edge compile`` do
     pfq+qat+kd    PfQ exact, then QAT with distillation from the float model (--distill 0.5)
     bnkeep+qat    no PfQ, BN kept float through QAT (--bn keep), its statistics re-estimated after quantizer
                   insertion: the unfolded weights never see γ/σ, the other way around PfQ's problem
+    pfq+bnkeep+kd PfQ exact, BN kept (re-estimated), distillation (--bn keep --distill 0.5)
+    pfq+staged+kd PfQ exact, QAT at W4A4 for half the epochs, then at the cell's bits for the rest, distillation
+                  (--stages W4A4 --stage-epochs E/2 --epochs E/2 --distill 0.5): the same epochs in all as the others
 
 Every method quantizes with the profile's defaults otherwise: MSE-initialised learned scales (--scale-init mse),
 the first conv and the classifier at 8 bits below 4-bit weights, FPGA channel multiple 8 (hardware-aware PfQ).
@@ -56,6 +59,8 @@ METHODS = {
     "pfq+qat-stats": {"pfq": {"rule": "exact"}, "quant": {"scale_init": "stats"}},
     "pfq+qat+kd": {"pfq": {"rule": "exact"}, "finetune": {"distill_alpha": 0.5}},
     "bnkeep+qat": {"pfq": {"rule": "off"}, "quant": {"bn": "keep"}},
+    "pfq+bnkeep+kd": {"pfq": {"rule": "exact"}, "quant": {"bn": "keep"}, "finetune": {"distill_alpha": 0.5}},
+    "pfq+staged+kd": {"pfq": {"rule": "exact"}, "finetune": {"stages": ["W4A4"], "distill_alpha": 0.5}},
 }
 BITS = {
     "W8A8": {"weight_bit_width": 8, "act_bit_width": 8},
@@ -97,6 +102,9 @@ def _run(task: dict) -> dict:
         "finetune": {"epochs": task["epochs"], "train_samples": task["train_samples"], "lr": task["lr"],
                      "seed": task["seed"], **method.get("finetune", {})},
     }
+    if "stages" in overrides["finetune"]:  # the same epochs in all: half at the stages' bits, half at the cell's
+        stage = max(1, task["epochs"] // 2)
+        overrides["finetune"].update(stage_epochs=stage, epochs=max(1, task["epochs"] - stage))
     cfg = CompileConfig(model=task["model"], target="fpga", out=Path("unused"), overrides=overrides)
     c = Compilation(config=cfg, profile=effective_profile(cfg), work=Path("."), final=Path("unused"),
                     spec=InputSpec(tuple(test.images.shape[1:]), CLASSES),

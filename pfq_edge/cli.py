@@ -172,6 +172,11 @@ def compile_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of fine-tuning (profile; 0)."),
     distill: Optional[float] = typer.Option(None, "--distill", help="Knowledge-distillation weight α in [0, 1] "
                                                                      "from the float model, 0 = off (profile; 0)."),
+    stages: Optional[str] = typer.Option(None, "--stages", help="Staged fine-tuning: QAT first at these bit widths "
+                                                                 "in turn, e.g. W4A4 or W4A4,W3A3; 'none' = off "
+                                                                 "(profile; off)."),
+    stage_epochs: Optional[int] = typer.Option(None, "--stage-epochs", min=1,
+                                               help="Epochs of each --stages stage (profile; 1)."),
     val_images: Optional[int] = typer.Option(None, "--val-images", help="Hold out this many training images for "
                                                                          "early stopping, 0 = off (profile; 0)."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Epochs without validation gain before "
@@ -218,7 +223,8 @@ def compile_cmd(
                   "scale_init": scale_init},
         "pfq": {"rule": pfq_rule, "channel_multiple": channel_multiple},
         "finetune": {"epochs": epochs, "train_samples": train_samples, "lr": lr, "schedule": schedule,
-                     "seed": seed, "distill_alpha": distill, "validation_images": val_images, "patience": patience},
+                     "seed": seed, "distill_alpha": distill, "validation_images": val_images, "patience": patience,
+                     "stages": _stage_list(stages), "stage_epochs": stage_epochs},
         "runtime": {"tune_trials": tune_trials},
         "fpga": {"compare_unpruned": compare_unpruned},
     }
@@ -409,6 +415,14 @@ def analyze_cmd(
         typer.echo(json.dumps({"model": model, **analysis.as_dict()}, indent=2))
         return
     _print_analysis(model, analysis, plot)
+
+
+def _stage_list(text: str | None) -> list[str] | None:
+    """--stages "W4A4,W3A3" as the profile's list; "none" (or "") clears it; None leaves the profile's."""
+    if text is None:
+        return None
+    names = [t.strip().upper() for t in text.split(",") if t.strip()]
+    return [] if names in ([], ["NONE"]) else names
 
 
 def _removal_kind(plan) -> str:

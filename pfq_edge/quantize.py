@@ -179,6 +179,26 @@ def _set_edge_layer_bits(qm: nn.Module, spec) -> None:
             proxy.init_tensor_quant()
 
 
+def transfer_weights(src: nn.Module, dst: nn.Module) -> int:
+    """Copy the trained weights of ``src`` into ``dst``, two quantized models of the same pruned network at other
+    bit widths (staged fine-tuning): every conv/linear weight and bias and every BatchNorm's parameters and
+    statistics, not the quantizers' scales — ``dst`` calibrates its own. Returns the number of tensors copied;
+    raises ModelError if the two models' layers differ."""
+    keys = set()
+    for name, mod in dst.named_modules():
+        prefix = f"{name}." if name else ""
+        if getattr(mod, "weight_quant", None) is not None:
+            keys.update(prefix + k for k in ("weight", "bias") if getattr(mod, k, None) is not None)
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            keys.update(prefix + k for k, _ in mod.state_dict().items())
+    state = src.state_dict()
+    missing = sorted(k for k in keys if k not in state or state[k].shape != dst.state_dict()[k].shape)
+    if missing:
+        raise ModelError(f"cannot carry weights between stages: {missing[0]} differs")
+    dst.load_state_dict({k: state[k] for k in keys}, strict=False)
+    return len(keys)
+
+
 def calibrate(qmodel: nn.Module, images: torch.Tensor, batch_size: int = 256) -> None:
     """Set activation ranges of ``qmodel`` from ``images`` (N, C, H, W) with Brevitas' calibration mode."""
     from brevitas.graph.calibrate import calibration_mode

@@ -62,9 +62,13 @@ def method(c) -> str:
     layers = c.result("quantize").size["layers"]  # the bit widths the quantized model has
     first, last = layers[0]["bit_width"], layers[-1]["bit_width"]
     edge = f", first/last layer {first}/{last}-bit" if (first, last) != (q.weight_bit_width,) * 2 else ""
+    staged = f"QAT in stages {' → '.join(ft.stages)} ({ft.stage_epochs} epoch{'s' if ft.stage_epochs > 1 else ''} " \
+             f"each), then " if ft.stages and ft.epochs else ""
     tune = "no fine-tuning (PTQ)" if ft.epochs == 0 else (
-        f"QAT {ft.epochs} epochs" + (f", distillation α {ft.distill_alpha:g}" if ft.distill_alpha else ""))
-    return f"{pfq} → {q.resolved_scale_init()}-initialised learned scales{edge}{' + CLE' if q.equalize else ''} → {tune}"
+        f"{staged}QAT {ft.epochs} epochs" + (f", distillation α {ft.distill_alpha:g}" if ft.distill_alpha else ""))
+    bn = ", BN kept" + (" (re-estimated)" if q.bn_reestimate else "") if q.bn == "keep" else ""
+    return (f"{pfq} → {q.resolved_scale_init()}-initialised learned scales{edge}{bn}{' + CLE' if q.equalize else ''}"
+            f" → {tune}")
 
 
 def _passed_cell(g: dict) -> str:
@@ -270,6 +274,11 @@ def _settings_section(quant: dict, ft: dict) -> list[str]:
                                  f"{ft['processes']} process(es)"],
                  ["distillation α / T", f"{ft['distill_alpha']:g} / {ft['distill_temperature']:g}"],
                  ["loss per epoch", ", ".join(f"{x:.4f}" for x in ft["loss"])]]
+        if ft.get("staged"):
+            st = ft["staged"]
+            rows.append(["stages (top-1 at start → end)", "; ".join(
+                f"{r['bits']} × {r['epochs']}: {pct(r['ptq_top1'])} → {pct(r['top1'])}" for r in st["stages"])
+                + f"; target at start {pct(st['target_start_top1'])}"])
         if ft.get("validation_top1"):
             rows += [["validation top-1 per epoch", ", ".join(pct(x) for x in ft["validation_top1"])],
                      ["kept epoch", f"{ft['best_epoch']} (early stop: {ft['stopped_early']})"]]

@@ -386,12 +386,14 @@ class FinetuneResult(StepResult):
     stopped_early: bool = False
     resumed_after_epoch: int = 0
     finetuned_top1: float | None = None
+    staged: dict = field(default_factory=dict)  # staged fine-tuning, as ``_staged`` returns it
 
     def report(self) -> dict:
         if self.skipped:
             return {"skipped": True, "epochs": 0}
         s = self.settings
-        return {**s, "optimizer": f"Adam, {s['schedule']} LR", "images_per_epoch": self.images_per_epoch,
+        return {**s, "staged": self.staged or None, "optimizer": f"Adam, {s['schedule']} LR",
+                "images_per_epoch": self.images_per_epoch,
                 "processes": self.processes, "loss": self.loss, "validation_top1": self.validation_top1,
                 "best_epoch": self.best_epoch, "stopped_early": self.stopped_early,
                 "resumed_after_epoch": self.resumed_after_epoch}
@@ -414,6 +416,8 @@ def finetune(c: Compilation) -> FinetuneResult:
     tc = TrainConfig(epochs=ft.epochs, lr=ft.lr, weight_decay=ft.weight_decay, batch_size=ft.batch_size,
                      seed=ft.seed, max_samples=ft.train_samples or None, schedule=ft.schedule,
                      distill_alpha=ft.distill_alpha, distill_temperature=ft.distill_temperature, patience=ft.patience)
+    resuming = c.config.resume and c.config.checkpoint is not None and c.config.checkpoint.is_file()
+    staged = _staged(c, tc) if ft.stages and not resuming else {}  # resuming: the checkpoint holds the target model
     run = train(c.qmodel, c.data.train, tc, description="QAT fine-tuning", teacher=c.float_model,
                 validation=c.data.val, checkpoint=c.config.checkpoint, checkpoint_key=run_key(c),
                 resume=c.config.resume)
@@ -421,7 +425,45 @@ def finetune(c: Compilation) -> FinetuneResult:
                           images_per_epoch=min(ft.train_samples or len(c.data.train), len(c.data.train)),
                           processes=dist.rank_and_world()[1], loss=run.losses, validation_top1=run.val_top1,
                           best_epoch=run.best_epoch, stopped_early=run.stopped_early,
-                          resumed_after_epoch=run.resumed_after_epoch, finetuned_top1=accuracy(c.qmodel, c.data.test))
+                          resumed_after_epoch=run.resumed_after_epoch, finetuned_top1=accuracy(c.qmodel, c.data.test),
+                          staged=staged)
+
+
+def _staged(c: Compilation, tc) -> dict:
+    """Staged fine-tuning (``FinetuneSpec.stages``): QAT at each stage's bit widths in turn, ``stage_epochs`` each,
+    every stage a model quantized afresh from the pruned network, started from the previous stage's weights and
+    calibrated anew; ``c.qmodel`` is then rebuilt the same way at the target's bit widths. Returns {"stages": one
+    {"bits", "epochs", "ptq_top1" (its start), "top1" (its end)} per stage, "target_start_top1": the target model's
+    top-1 before its own fine-tuning}."""
+    from dataclasses import replace
+
+    from pfq_edge.quantize import calibrate, quantize_model, reestimate_bn, transfer_weights
+    from pfq_edge.train import accuracy, set_seed, train
+
+    spec, ft = c.profile.quant, c.profile.finetune
+    calib = c.data.train.take(CALIBRATION_IMAGES).images
+
+    def quantized(stage_spec, start):
+        model = quantize_model(c.pruned_model, stage_spec)
+        if start is not None:
+            transfer_weights(start, model)
+        calibrate(model, calib)
+        if stage_spec.bn == "keep" and stage_spec.bn_reestimate:
+            reestimate_bn(model, calib)
+        return model
+
+    records, previous = [], None
+    for name, (w, a) in zip(ft.stages, ft.stage_bits()):
+        model = quantized(spec.model_copy(update={"weight_bit_width": w, "act_bit_width": a}), previous)
+        start = accuracy(model, c.data.test)
+        train(model, c.data.train, replace(tc, epochs=ft.stage_epochs), description=f"QAT stage {name}",
+              teacher=c.float_model, validation=c.data.val)
+        records.append({"bits": name, "epochs": ft.stage_epochs, "ptq_top1": start,
+                        "top1": accuracy(model, c.data.test)})
+        previous = model
+    c.qmodel = quantized(spec, previous)
+    set_seed(ft.seed)  # the target's fine-tuning shuffles as it would without stages
+    return {"stages": records, "target_start_top1": accuracy(c.qmodel, c.data.test)}
 
 
 def training_facts(c: Compilation) -> dict:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pfq_edge.errors import ProfileError
 from pfq_edge.pfq import DEFAULT_TOL, PROFILE_RULES
@@ -121,6 +122,11 @@ class FinetuneSpec(_Strict):
     ``distill_alpha`` > 0 mixes knowledge distillation from the float model into the loss:
     (1 − α)·CE + α·T²·KL(teacher_T ‖ student_T). ``validation_images`` > 0 holds out the last N training images,
     evaluates them after every epoch, keeps the best epoch and stops after ``patience`` epochs without gain.
+    ``stages``: staged fine-tuning, e.g. ``["W4A4"]`` before a W2A2 target — QAT first at each of these bit widths
+    in turn, ``stage_epochs`` each, every stage a freshly quantized model that starts from the previous stage's
+    trained weights (scales calibrated anew), then the target's own ``epochs``; empty (default): the target's bit
+    widths from the start. The paper's third contribution is a fine-tuning workflow around PfQ; this is our
+    reading of it as progressive quantization (docs/workflow.md, "Staged fine-tuning", says what it measured).
     """
 
     epochs: int = Field(2, ge=0)
@@ -134,6 +140,23 @@ class FinetuneSpec(_Strict):
     distill_temperature: float = Field(4.0, gt=0)
     validation_images: int = Field(0, ge=0)
     patience: int = Field(2, ge=1)
+    stages: list[str] = Field(default_factory=list)
+    stage_epochs: int = Field(1, ge=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, stages: list[str]) -> list[str]:
+        for stage in stages:
+            if not STAGE.fullmatch(stage):
+                raise ValueError(f"stage {stage!r} is not a bit-width pair W<2-8>A<2-8> such as W4A4")
+        return stages
+
+    def stage_bits(self) -> list[tuple[int, int]]:
+        """(weight bits, activation bits) of each of ``stages``, in order."""
+        return [tuple(int(b) for b in STAGE.fullmatch(s).groups()) for s in self.stages]
+
+
+STAGE = re.compile(r"W([2-8])A([2-8])")
 
 
 class FpgaSpec(_Strict):

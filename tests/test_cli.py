@@ -75,6 +75,12 @@ def test_unknown_target(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_bad_stage_is_one_line(tmp_path):
+    proc = run("compile", "--target", "fpga", "--stages", "W4A4,W9A9", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 5 and one_line_error(proc) and "'W9A9'" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_data(tmp_path):
     proc = run("compile", "--target", "fpga", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"))
     assert proc.returncode == 3 and one_line_error(proc) and "dataset-fashion-mnist" in proc.stderr

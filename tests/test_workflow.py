@@ -167,3 +167,52 @@ def test_distillation_with_alpha_one_ignores_the_labels(train_split):
     _, c = _tiny_qat_setup(train_split)
     train(c, shuffled, TrainConfig(epochs=1, distill_alpha=0.5), teacher=teacher)
     assert any(not torch.allclose(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_transfer_weights_carries_weights_and_bn_not_scales(train_split):
+    from pfq_edge.quantize import transfer_weights
+
+    model, w4 = _tiny_qat_setup(train_split)
+    train(w4, train_split.subset(256), TrainConfig(epochs=1, lr=1e-2))
+    w2 = quantize_model(model, QuantSpec(weight_bit_width=2, act_bit_width=2, bn="keep"))
+    with pytest.raises(ModelError, match="between stages"):  # BN kept here, folded there: other layers
+        transfer_weights(w4, w2)
+    w2 = quantize_model(model, QuantSpec(weight_bit_width=2, act_bit_width=2))
+    copied = transfer_weights(w4, w2)
+    layers = [n for n, m in w2.named_modules() if getattr(m, "weight_quant", None) is not None]
+    assert copied == 2 * len(layers)  # every conv/linear weight and bias (BN folded: no BN left)
+    for name in layers:
+        assert torch.equal(w2.get_submodule(name).weight, w4.get_submodule(name).weight), name
+    calibrate(w2, train_split.images[:256])  # its own scales, from the trained weights at its bit widths
+    assert {int(w2.get_submodule(n).quant_weight().bit_width) for n in layers} == {2, 8}  # 8: first/last layer
+
+
+def test_staged_finetuning_trains_at_each_stage_then_rebuilds_the_target(train_split, test_split):
+    """--stages W4A4 before a W2A2 target: a W4A4 model is fine-tuned first, its weights start a fresh W2A2 model
+    (scales calibrated anew), which is then fine-tuned; the report says so."""
+    from pfq_edge.report import method
+    from pfq_edge.steps import finetune, quantize
+
+    model = load_model("fashion-dscnn-adam").module  # no constant filters: W4A4 PTQ ~83 %, W2A2 ~15 %
+    overrides = {"quant": {"weight_bit_width": 2, "act_bit_width": 2}, "pfq": {"rule": "off"},
+                 "finetune": {"epochs": 1, "train_samples": 512, "stages": ["W4A4"], "stage_epochs": 1}}
+    c = compilation(model, overrides=overrides, test=test_split.subset(500), train=train_split.subset(2048))
+    c.pruned_model = model
+    c.results["quantize"] = quantize(c)
+    before = {n: p.detach().clone() for n, p in c.qmodel.named_parameters() if n.endswith(".weight")}
+    result = finetune(c)
+    c.results["finetune"] = result
+    stage = result.staged["stages"][0]
+    assert stage["bits"] == "W4A4" and stage["epochs"] == 1
+    assert stage["ptq_top1"] > 0.7 and c.results["quantize"].ptq_top1 < 0.3  # W4A4 works here, W2A2 PTQ does not
+    layers = [n for n, m in c.qmodel.named_modules() if getattr(m, "weight_quant", None) is not None]
+    assert [int(c.qmodel.get_submodule(n).quant_weight().bit_width) for n in layers][1:-1] == [2] * (len(layers) - 2)
+    assert all(not torch.equal(p, before[n]) for n, p in c.qmodel.named_parameters() if n in before)
+    report = result.report()
+    assert report["staged"]["stages"] == result.staged["stages"] and report["stages"] == ["W4A4"]
+    assert "QAT in stages W4A4 (1 epoch each), then QAT 1 epochs" in method(c)
+
+
+def test_stages_are_validated():
+    with pytest.raises(ProfileError, match="W4A4"):
+        with_overrides(load_profile("fpga"), {"finetune": {"stages": ["W9A4"]}})

@@ -20,6 +20,7 @@ with profile overrides, so a method here is exactly what ``pfq-edge compile`` do
     pfq+qat+kd    PfQ exact, then QAT with distillation from the float model (--distill 0.5)
     bnkeep+qat    no PfQ, BN kept float through QAT (--bn keep), its statistics re-estimated after quantizer
                   insertion: the unfolded weights never see γ/σ, the other way around PfQ's problem
+    pfq+bnkeep+qat PfQ exact, BN kept (re-estimated) through QAT (--bn keep)
     pfq+bnkeep+kd PfQ exact, BN kept (re-estimated), distillation (--bn keep --distill 0.5)
     pfq+staged+kd PfQ exact, QAT at W4A4 for half the epochs, then at the cell's bits for the rest, distillation
                   (--stages W4A4 --stage-epochs E/2 --epochs E/2 --distill 0.5): the same epochs in all as the others
@@ -59,6 +60,7 @@ METHODS = {
     "pfq+qat-stats": {"pfq": {"rule": "exact"}, "quant": {"scale_init": "stats"}},
     "pfq+qat+kd": {"pfq": {"rule": "exact"}, "finetune": {"distill_alpha": 0.5}},
     "bnkeep+qat": {"pfq": {"rule": "off"}, "quant": {"bn": "keep"}},
+    "pfq+bnkeep+qat": {"pfq": {"rule": "exact"}, "quant": {"bn": "keep"}},
     "pfq+bnkeep+kd": {"pfq": {"rule": "exact"}, "quant": {"bn": "keep"}, "finetune": {"distill_alpha": 0.5}},
     "pfq+staged+kd": {"pfq": {"rule": "exact"}, "finetune": {"stages": ["W4A4"], "distill_alpha": 0.5}},
 }

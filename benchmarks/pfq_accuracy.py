@@ -31,7 +31,9 @@ the first conv and the classifier at 8 bits below 4-bit weights, FPGA channel mu
 Bits: W8A8, W4A4, W3A3, W2A2 per-tensor and W4A4pc (per-channel weight scales); inputs 8-bit throughout.
 Per cell: top-1 on the test images before (PTQ) and after QAT, mean ± std over the seeds (the seed drives QAT
 shuffling); logical weight bits; filters removed; share of weights whose integer is 0. Runs are spread over
-``--jobs`` processes (one thread each). Writes pfq_accuracy.{json,md,png} under ``--out``.
+``--jobs`` processes (one thread each). ``--finn`` also exports each cell's first-seed model and runs the FINN
+estimate of the PYNQ-Z1 profile (LUT / BRAM_18K / fps at its target_fps, fit verdict), as the compile would.
+Writes pfq_accuracy.{json,md,png} under ``--out``.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,6 +75,7 @@ BITS = {
     "W2A2": {"weight_bit_width": 2, "act_bit_width": 2},
     "W4A4pc": {"weight_bit_width": 4, "act_bit_width": 4, "weight_granularity": "per-channel"},
 }
+FINN_KEYS = ("LUT", "BRAM_18K", "DSP", "fps", "latency_us", "fit", "finn_error")
 MODELS = ["fashion-dscnn", "fashion-dscnn-wide", "efficientnet-lite0-fmnist"]
 _DATA = {}
 
@@ -107,8 +112,11 @@ def _run(task: dict) -> dict:
     if "stages" in overrides["finetune"]:  # the same epochs in all: half at the stages' bits, half at the cell's
         stage = max(1, task["epochs"] // 2)
         overrides["finetune"].update(stage_epochs=stage, epochs=max(1, task["epochs"] - stage))
+    if task.get("finn"):
+        overrides["fpga"] = {"compare_unpruned": False}  # the grid's own qat cell is the unpruned design
     cfg = CompileConfig(model=task["model"], target="fpga", out=Path("unused"), overrides=overrides)
-    c = Compilation(config=cfg, profile=effective_profile(cfg), work=Path("."), final=Path("unused"),
+    work = Path(tempfile.mkdtemp(prefix="pfq-bench-")) if task.get("finn") else Path(".")
+    c = Compilation(config=cfg, profile=effective_profile(cfg), work=work, final=Path("unused"),
                     spec=InputSpec(tuple(test.images.shape[1:]), CLASSES),
                     data=Dataset("fashion-mnist", train=_DATA["train"], test=test), float_model=float_model,
                     float_logits=float_logits)
@@ -118,11 +126,25 @@ def _run(task: dict) -> dict:
         run_steps(c, FRONT_END)
     except PfqError as exc:  # the bn-epsilon data guard refusing is a result, not a crash
         return {**record, "refused": str(exc), "wall_s": round(time.perf_counter() - t0, 1)}
+    finn = {}
+    if task.get("finn"):  # the FPGA design of this cell: QONNX export and FINN estimate, as the compile does
+        from pfq_edge.targets.backends import backend_for
+
+        backend = backend_for("fpga")
+        try:
+            run_steps(c, backend.steps)
+            s = backend.summary(c)
+            finn = {"LUT": s["LUT"], "BRAM_18K": s["BRAM_18K"], "DSP": s["DSP"], "fps": s["throughput_fps"],
+                    "latency_us": s["latency_us"], "fit": s["fit"]}
+        except PfqError as exc:
+            finn = {"finn_error": str(exc)}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     acc, quant, prune = c.accuracy, c.result("quantize").report(), c.result("prune").report()
     return {**record, "float_top1": acc["float"], "pfq_float_top1": acc.get("pfq_float", acc["float"]),
             "ptq_top1": acc["quantized_ptq"], "top1": acc.get("finetuned", acc["quantized_ptq"]),
             "weight_bits": quant["weight_bits"], "zero_weight_fraction": quant["zero_weight_fraction"],
-            "filters_removed": prune["filters_removed"], "guard": prune.get("guard"),
+            "filters_removed": prune["filters_removed"], "guard": prune.get("guard"), **finn,
             "wall_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -168,7 +190,9 @@ def aggregate(records: list[dict]) -> list[dict]:
                      "float_top1": done[0]["float_top1"], "pfq_float_top1": done[0]["pfq_float_top1"],
                      "weight_bits": done[0]["weight_bits"], "filters_removed": done[0]["filters_removed"],
                      "zero_weight_fraction": statistics.fmean(r["zero_weight_fraction"] for r in done),
-                     "guard_agreement": (done[0]["guard"] or {}).get("argmax_agreement")})
+                     "guard_agreement": (done[0]["guard"] or {}).get("argmax_agreement"),
+                     **next(({k: r[k] for k in FINN_KEYS if k in r} for r in done
+                             if "LUT" in r or "finn_error" in r), {})})
     for row in rows:  # Δ against plain QAT, same model, bits (the comparison the paper's claim is about)
         base = next((b for b in rows if (b["model"], b["bits"], b["method"]) == (row["model"], row["bits"], "qat")
                      and "top1_mean" in b), None)
@@ -188,6 +212,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "filters removed | weights → 0 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    finn = any("LUT" in r or "finn_error" in r for r in rows)
+    if finn:
+        lines[-2] += " FINN LUT / BRAM_18K / fps (PYNQ-Z1, seed 0) |"
+        lines[-1] += "---|"
     for r in rows:
         if "refused" in r:
             lines.append(f"| {r['model']} | {r['bits']} | {r['method']} | refused by the data guard: "
@@ -199,7 +227,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         final = f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f}"
         lines.append(f"| {r['model']} | {r['bits']} | {r['method']} | {100 * r['ptq_mean']:.2f} | {final} | "
                      f"{delta} | {r['weight_bits']:,} | {r['filters_removed']} | "
-                     f"{100 * r['zero_weight_fraction']:.1f} % |")
+                     f"{100 * r['zero_weight_fraction']:.1f} % |" + (_finn_cell(r) if finn else ""))
     floats = {}
     for r in rows:
         if "float_top1" in r:
@@ -209,6 +237,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
         parts = [f"{m}: {100 * a:.2f} → {100 * b:.2f}" for m, (a, b) in by_method.items() if m.startswith("pfq")]
         lines.append(f"- {model}: float {100 * next(iter(by_method.values()))[0]:.2f} %; " + "; ".join(parts))
     return "\n".join(lines) + "\n"
+
+
+def _finn_cell(r: dict) -> str:
+    if "LUT" in r:
+        return f" {r['LUT']:,.0f} / {r['BRAM_18K']:.0f} / {r['fps']:,.0f} ({r['fit']}) |"
+    return f" {r['finn_error'].replace('|', '/')[:80]} |" if "finn_error" in r else " |"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -269,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--test-images", type=int, default=10000)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--finn", action="store_true", help="also export and estimate each cell's FPGA design with FINN "
+                                                         "(first seed only; PYNQ-Z1 profile, ~40 s more per cell)")
     ap.add_argument("--quick", action="store_true", help="2 models, W4A4/W3A3, qat/pfq+qat/pfq-eps+qat, 1 seed")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI (256 QAT images, 500 test images)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -290,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     tasks = [{"model": m, "bits": b, "method": meth, "seed": int(seed), "epochs": args.epochs,
               "train_samples": args.train_samples, "lr": args.lr, "test_images": args.test_images,
-              "threads": threads}
+              "threads": threads, "finn": args.finn and seed == args.seeds.split(",")[0]}
              for m in args.models.split(",") for b in args.bits.split(",") for meth in args.methods.split(",")
              for seed in args.seeds.split(",")]
     grid = {(t["model"], t["bits"], t["method"], t["seed"]): i for i, t in enumerate(tasks)}

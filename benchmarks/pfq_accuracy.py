@@ -76,7 +76,8 @@ BITS = {
     "W4A4pc": {"weight_bit_width": 4, "act_bit_width": 4, "weight_granularity": "per-channel"},
 }
 FINN_KEYS = ("LUT", "BRAM_18K", "DSP", "fps", "latency_us", "fit", "finn_error")
-MODELS = ["fashion-dscnn", "fashion-dscnn-wide", "efficientnet-lite0-fmnist"]
+MODELS = ["fashion-dscnn", "fashion-dscnn-wide", "efficientnet-lite0-fmnist", "fashion-dscnn-adam",
+          "fashion-dscnn-wide-adam", "fashion-mbv2", "fashion-resnet"]
 _DATA = {}
 
 

@@ -220,8 +220,9 @@ class ZooEntry:
 
 
 def fashion_dscnn_wide():
-    """``fashion_dscnn`` with channels 32-64-128-128-256-256 (one more 256-wide block): the MobileNet-style CNN
-    whose 15-epoch training (Adam, coupled L2 5e-4) leaves dead filters (issue 4's model (c))."""
+    """``fashion_dscnn`` with channels 32-64-128-128-256-256 (one more 256-wide block). Zoo weights:
+    ``fashion-dscnn-wide`` trained like the default (SGD, weight decay 1e-3, one-cycle LR, 8 epochs: 92.38 %, 43
+    constant filters); ``fashion-dscnn-wide-adam`` the earlier 15-epoch Adam training (89.47 %, 6 constant)."""
     return fashion_dscnn((32, 64, 128, 128, 256, 256))
 
 
@@ -238,6 +239,10 @@ def _zoo() -> dict[str, ZooEntry]:
         "fashion-dscnn-adam": ZooEntry(
             "fashion-dscnn-adam", fashion_dscnn, WEIGHTS_DIR / "fashion-dscnn-adam.safetensors", (1, 28, 28),
             _meta("fashion-dscnn-adam"),
+        ),
+        "fashion-dscnn-wide-adam": ZooEntry(
+            "fashion-dscnn-wide-adam", fashion_dscnn_wide, WEIGHTS_DIR / "fashion-dscnn-wide-adam.safetensors",
+            (1, 28, 28), _meta("fashion-dscnn-wide-adam"),
         ),
         "fashion-dscnn-wide": ZooEntry(
             "fashion-dscnn-wide", fashion_dscnn_wide, WEIGHTS_DIR / "fashion-dscnn-wide.safetensors", (1, 28, 28),

@@ -194,16 +194,16 @@ def test_resume_continues_the_run_and_refuses_another(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_analyze_rules_differ_on_the_wide_model():
+def test_analyze_rules_differ_on_the_adam_wide_model():
     counts = {}
     for rule in ("exact", "bn-epsilon"):
-        proc = run("analyze", "fashion-dscnn-wide", "--rule", rule, "--json")
+        proc = run("analyze", "fashion-dscnn-wide-adam", "--rule", rule, "--json")
         assert proc.returncode == 0, proc.stderr
         doc = json.loads(proc.stdout)
         assert doc["rule"] == rule
         counts[rule] = doc["constant_total"]
     assert counts["exact"] == 6 and counts["bn-epsilon"] > counts["exact"]
-    bad = run("analyze", "fashion-dscnn-wide", "--rule", "sigma")
+    bad = run("analyze", "fashion-dscnn-wide-adam", "--rule", "sigma")
     assert bad.returncode == 2 and one_line_error(bad)
 
 

@@ -140,13 +140,13 @@ def test_a_target_named_twice_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def exported_wide(tmp_path_factory):
-    """The wide zoo model (6 constant filters) as a torch.export archive."""
+    """The Adam-trained wide zoo model (6 constant filters) as a torch.export archive."""
     import torch
 
     from pfq_edge.zoo import load_model
 
     path = tmp_path_factory.mktemp("pt2") / "wide.pt2"
-    model = load_model("fashion-dscnn-wide").module
+    model = load_model("fashion-dscnn-wide-adam").module
     torch.export.save(torch.export.export(model, (torch.zeros(1, 1, 28, 28),)), str(path))
     return path
 
@@ -157,7 +157,7 @@ def test_torch_export_archive_is_a_model_input(exported_wide, images):
     from pfq_edge.pfq.analyze import analyze_pfq
     from pfq_edge.zoo import load_model
 
-    loaded, zoo = load_model(str(exported_wide)), load_model("fashion-dscnn-wide")
+    loaded, zoo = load_model(str(exported_wide)), load_model("fashion-dscnn-wide-adam")
     assert loaded.input_shape == (1, 28, 28)
     with torch.no_grad():
         assert torch.equal(loaded.module(images), zoo.module(images))

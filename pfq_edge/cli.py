@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from pfq_edge import interrupt
-from pfq_edge.errors import PfqError
+from pfq_edge.errors import PfqError, ProfileError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="PfQ pruning, low-bit quantization and compilation of PyTorch CNNs for edge targets.")
@@ -421,8 +421,12 @@ def _stage_list(text: str | None) -> list[str] | None:
     """--stages "W4A4,W3A3" as the profile's list; "none" (or "") clears it; None leaves the profile's."""
     if text is None:
         return None
-    names = [t.strip().upper() for t in text.split(",") if t.strip()]
-    return [] if names in ([], ["NONE"]) else names
+    names = [t.strip().upper() for t in text.split(",")]
+    if names == ["NONE"]:
+        return []
+    if "" in names:
+        raise ProfileError(f"--stages {text!r} has an empty entry; give bit-width pairs such as W4A4, or none")
+    return names
 
 
 def _removal_kind(plan) -> str:

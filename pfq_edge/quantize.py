@@ -195,7 +195,12 @@ def transfer_weights(src: nn.Module, dst: nn.Module) -> int:
     missing = sorted(k for k in keys if k not in state or state[k].shape != dst.state_dict()[k].shape)
     if missing:
         raise ModelError(f"cannot carry weights between stages: {missing[0]} differs")
-    dst.load_state_dict({k: state[k] for k in keys}, strict=False)
+    # In place, not load_state_dict: after a (partial) load_state_dict, the calibrated fashion-resnet failed at its
+    # residual adds ("Scaling factors are different", measured); copying the tensors leaves Brevitas' state alone.
+    target = dst.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for k in keys:
+            target[k].copy_(state[k])
     return len(keys)
 
 

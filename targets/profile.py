@@ -146,10 +146,10 @@ class FinetuneSpec(_Strict):
     @field_validator("stages")
     @classmethod
     def _stage_names(cls, stages: list[str]) -> list[str]:
-        for stage in stages:
-            if not STAGE.fullmatch(stage):
+        for stage in stages:  # "w4a4" is W4A4, on the command line and in a profile alike
+            if not STAGE.fullmatch(stage.strip().upper()):
                 raise ValueError(f"stage {stage!r} is not a bit-width pair W<2-8>A<2-8> such as W4A4")
-        return stages
+        return [s.strip().upper() for s in stages]
 
     def stage_bits(self) -> list[tuple[int, int]]:
         """(weight bits, activation bits) of each of ``stages``, in order."""
@@ -256,6 +256,11 @@ class Profile(_Strict):
         reason = own.validate_profile(self)
         if reason:
             raise ValueError(reason)
+        target = (self.quant.weight_bit_width, self.quant.act_bit_width)
+        for name, (w, a) in zip(self.finetune.stages, self.finetune.stage_bits()):
+            if w < target[0] or a < target[1] or (w, a) == target:
+                raise ValueError(f"finetune.stages: stage {name} must be above the target's "
+                                 f"{wa_label(*target)} (more weight or activation bits, none fewer)")
         return self
 
     def summary(self) -> dict:

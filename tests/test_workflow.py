@@ -187,6 +187,19 @@ def test_transfer_weights_carries_weights_and_bn_not_scales(train_split):
     assert {int(w2.get_submodule(n).quant_weight().bit_width) for n in layers} == {2, 8}  # 8: first/last layer
 
 
+def test_transfer_weights_into_a_residual_model_keeps_its_adds_working(test_split):
+    """User report: --stages on a model with residual adds failed with Brevitas' "Scaling factors are different"."""
+    from pfq_edge.quantize import transfer_weights
+
+    model, images = load_model("fashion-resnet").module, test_split.images[:64]
+    w4 = quantize_model(model, QuantSpec(weight_bit_width=4, act_bit_width=4))
+    calibrate(w4, images)
+    w3 = quantize_model(model, QuantSpec(weight_bit_width=3, act_bit_width=3))
+    transfer_weights(w4, w3)
+    calibrate(w3, images)
+    assert accuracy(w3, Split(images, test_split.labels[:64])) > 0.05  # it runs through every add
+
+
 def test_staged_finetuning_trains_at_each_stage_then_rebuilds_the_target(train_split, test_split):
     """--stages W4A4 before a W2A2 target: a W4A4 model is fine-tuned first, its weights start a fresh W2A2 model
     (scales calibrated anew), which is then fine-tuned; the report says so."""
@@ -210,7 +223,7 @@ def test_staged_finetuning_trains_at_each_stage_then_rebuilds_the_target(train_s
     assert all(not torch.equal(p, before[n]) for n, p in c.qmodel.named_parameters() if n in before)
     report = result.report()
     assert report["staged"]["stages"] == result.staged["stages"] and report["stages"] == ["W4A4"]
-    assert "QAT in stages W4A4 (1 epoch each), then QAT 1 epochs" in method(c)
+    assert "QAT in stages W4A4 (1 epoch each), then QAT 1 epoch" in method(c)
 
 
 def test_stages_are_validated():

@@ -429,7 +429,7 @@ def _stage_list(text: str | None) -> list[str] | None:
     return names
 
 
-def _removal_kind(plan) -> str:
+def _removal_kind(plan, checked: bool = False) -> str:
     """One line: is the pruned model the same function (exact), or an approximation to check with data?"""
     causes: dict[str, int] = {}
     for n in plan.neutralized:
@@ -450,7 +450,7 @@ def _removal_kind(plan) -> str:
 
     replaced = REPLACES.get(plan.rule)
     why = (replaced + (f"; {padding}" if padding else "") if replaced else padding or "see the JSON's groups")
-    return f"removal: APPROXIMATE — {why}{kept}; check it on your images (prune --check N)"
+    return f"removal: APPROXIMATE — {why}{kept}" + ("" if checked else "; check it on your images (prune --check N)")
 
 
 def _print_analysis(model: str, a, plot: Optional[Path]) -> None:
@@ -470,8 +470,8 @@ def _print_analysis(model: str, a, plot: Optional[Path]) -> None:
     rule = {"exact": f"post-BN std ≤ {a.plan.tol:g}", "bn-epsilon": "rule bn-epsilon: σ² ≤ ε",
             "near-constant": "rule near-constant: activation band under half a step"}[a.plan.rule]
     console.print(f"constant filters ({rule}): {a.constant_total}; removed {a.constant_removed}; "
-                  f"left {a.constant_total - a.constant_removed}. Filters removed in all layers: "
-                  f"{a.plan.filters_removed}.")
+                  f"left {a.constant_total - a.constant_removed}. Filters removed in all layers, with the depthwise "
+                  f"filters tied to them: {a.plan.filters_removed}.")
     if a.plan.channel_multiple > 1:
         console.print(f"hardware-aware PfQ: pruned channel counts stay multiples of {a.plan.channel_multiple} "
                       f"(--channel-multiple 1 removes every constant filter it can)")
@@ -551,8 +551,8 @@ def prune_cmd(
         typer.echo(json.dumps(result, indent=2))
         return
     typer.echo(f"constant filters: {analysis.constant_total} found, {analysis.constant_removed} removed; filters "
-               f"removed in all layers: {result['filters_removed']}; wrote {out}")
-    typer.echo(_removal_kind(analysis.plan))
+               f"removed in all layers, with the depthwise filters tied to them: {result['filters_removed']}; wrote {out}")
+    typer.echo(_removal_kind(analysis.plan, checked=bool(check)))
     for w in analysis.plan.warnings:
         typer.echo(f"  warning: {w}")
     if check:

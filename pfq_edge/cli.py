@@ -421,8 +421,8 @@ def _stage_list(text: str | None) -> list[str] | None:
     """--stages "W4A4,W3A3" as the profile's list; "none" (or "") clears it; None leaves the profile's."""
     if text is None:
         return None
-    names = [t.strip().upper() for t in text.split(",")]
-    if names == ["NONE"]:
+    names = [t.strip() for t in text.split(",")]  # the profile validates and normalises them
+    if [n.lower() for n in names] == ["none"]:
         return []
     if "" in names:
         raise ProfileError(f"--stages {text!r} has an empty entry; give bit-width pairs such as W4A4, or none")

@@ -191,13 +191,12 @@ def transfer_weights(src: nn.Module, dst: nn.Module) -> int:
             keys.update(prefix + k for k in ("weight", "bias") if getattr(mod, k, None) is not None)
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
             keys.update(prefix + k for k, _ in mod.state_dict().items())
-    state = src.state_dict()
-    missing = sorted(k for k in keys if k not in state or state[k].shape != dst.state_dict()[k].shape)
-    if missing:
-        raise ModelError(f"cannot carry weights between stages: {missing[0]} differs")
     # In place, not load_state_dict: after a (partial) load_state_dict, the calibrated fashion-resnet failed at its
     # residual adds ("Scaling factors are different", measured); copying the tensors leaves Brevitas' state alone.
-    target = dst.state_dict(keep_vars=True)
+    state, target = src.state_dict(), dst.state_dict(keep_vars=True)
+    missing = sorted(k for k in keys if k not in state or state[k].shape != target[k].shape)
+    if missing:
+        raise ModelError(f"cannot carry weights between stages: {missing[0]} differs")
     with torch.no_grad():
         for k in keys:
             target[k].copy_(state[k])

@@ -320,22 +320,33 @@ class QuantizeResult(StepResult):
 def quantize(c: Compilation) -> QuantizeResult:
     """Fold BN (or keep it), optionally equalize, insert Brevitas quantizers at the profile's bit widths,
     calibrate, optionally correct biases, measure PTQ top-1."""
-    from pfq_edge.quantize import calibrate, correct_bias, quantize_model, reestimate_bn, weight_bits
+    from pfq_edge.quantize import correct_bias, weight_bits
     from pfq_edge.train import accuracy
 
     spec = c.profile.quant
-    c.qmodel = quantize_model(c.pruned_model, spec)
+    c.qmodel, reestimated = calibrated_qmodel(c, spec)
     calib = c.data.train.take(CALIBRATION_IMAGES).images
-    calibrate(c.qmodel, calib)
-    reestimated = 0
-    if spec.bn == "keep" and spec.bn_reestimate:
-        reestimated = reestimate_bn(c.qmodel, calib)
     if spec.bias_correction:
         correct_bias(c.qmodel, calib)
     return QuantizeResult(settings={**spec.model_dump(), "scale_init_used": spec.resolved_scale_init(),
                                     "bn_reestimated_layers": reestimated},
                           calibration_images=len(calib),
                           size=weight_bits(c.qmodel), ptq_top1=accuracy(c.qmodel, c.data.test))
+
+
+def calibrated_qmodel(c: Compilation, spec, start=None):
+    """The pruned model quantized at ``spec`` (a QuantSpec), optionally carrying the trained weights of ``start``
+    (another quantized model of it: staged fine-tuning), calibrated on the calibration images, its BN statistics
+    re-estimated when BN is kept. Returns (model, number of BN layers re-estimated)."""
+    from pfq_edge.quantize import calibrate, quantize_model, reestimate_bn, transfer_weights
+
+    model = quantize_model(c.pruned_model, spec)
+    if start is not None:
+        transfer_weights(start, model)
+    calib = c.data.train.take(CALIBRATION_IMAGES).images
+    calibrate(model, calib)
+    reestimated = reestimate_bn(model, calib) if spec.bn == "keep" and spec.bn_reestimate else 0
+    return model, reestimated
 
 
 QUANTIZED_STATE = "quantized.safetensors"
@@ -437,31 +448,20 @@ def _staged(c: Compilation, tc) -> dict:
     top-1 before its own fine-tuning}."""
     from dataclasses import replace
 
-    from pfq_edge.quantize import calibrate, quantize_model, reestimate_bn, transfer_weights
     from pfq_edge.train import accuracy, set_seed, train
 
     spec, ft = c.profile.quant, c.profile.finetune
-    calib = c.data.train.take(CALIBRATION_IMAGES).images
-
-    def quantized(stage_spec, start):
-        model = quantize_model(c.pruned_model, stage_spec)
-        if start is not None:
-            transfer_weights(start, model)
-        calibrate(model, calib)
-        if stage_spec.bn == "keep" and stage_spec.bn_reestimate:
-            reestimate_bn(model, calib)
-        return model
-
     records, previous = [], None
     for name, (w, a) in zip(ft.stages, ft.stage_bits()):
-        model = quantized(spec.model_copy(update={"weight_bit_width": w, "act_bit_width": a}), previous)
+        model, _ = calibrated_qmodel(c, spec.model_copy(update={"weight_bit_width": w, "act_bit_width": a}),
+                                     previous)
         start = accuracy(model, c.data.test)
         train(model, c.data.train, replace(tc, epochs=ft.stage_epochs), description=f"QAT stage {name}",
               teacher=c.float_model, validation=c.data.val)
         records.append({"bits": name, "epochs": ft.stage_epochs, "ptq_top1": start,
                         "top1": accuracy(model, c.data.test)})
         previous = model
-    c.qmodel = quantized(spec, previous)
+    c.qmodel, _ = calibrated_qmodel(c, spec, previous)
     set_seed(ft.seed)  # the target's fine-tuning shuffles as it would without stages
     return {"stages": records, "target_start_top1": accuracy(c.qmodel, c.data.test)}
 

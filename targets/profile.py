@@ -6,9 +6,9 @@ budgets the compile is judged against. Nothing else in pfq-edge hard-codes a par
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator

@@ -105,7 +105,9 @@ def _run(task: dict) -> dict:
     float_model, float_logits = _DATA[task["model"]]
     method = METHODS[task["method"]]
     overrides = {
-        "quant": {**BITS[task["bits"]], **method.get("quant", {})},
+        # BN folded unless the method keeps it: the methods' names say what they do at every bit width (the
+        # profile's bn "auto" would keep it below 4 bits)
+        "quant": {"bn": "fold", **BITS[task["bits"]], **method.get("quant", {})},
         "pfq": method["pfq"],
         "finetune": {"epochs": task["epochs"], "train_samples": task["train_samples"], "lr": task["lr"],
                      "seed": task["seed"], **method.get("finetune", {})},

@@ -90,7 +90,7 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
 
     # Brevitas traces with its own tracer (its BN-merge patterns rely on it); work on a copy: folding is in place.
     gm = preprocess_for_quantize(copy.deepcopy(model).eval(), trace_model=True, relu6_to_relu=False,
-                                 equalize_iters=EQUALIZE_ITERS if spec.equalize else 0, merge_bn=spec.bn == "fold")
+                                 equalize_iters=EQUALIZE_ITERS if spec.equalize else 0, merge_bn=spec.resolved_bn() == "fold")
     _flatten_modules_to_functions(gm)
     qm = quantize(gm, quant_identity_map=identity_map, compute_layer_map=compute_map, quant_act_map=act_map,
                   requantize_layer_handler_output=False)

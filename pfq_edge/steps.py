@@ -345,7 +345,7 @@ def calibrated_qmodel(c: Compilation, spec, start=None):
         transfer_weights(start, model)
     calib = c.data.train.take(CALIBRATION_IMAGES).images
     calibrate(model, calib)
-    reestimated = reestimate_bn(model, calib) if spec.bn == "keep" and spec.bn_reestimate else 0
+    reestimated = reestimate_bn(model, calib) if spec.resolved_bn() == "keep" and spec.bn_reestimate else 0
     return model, reestimated
 
 
@@ -453,8 +453,9 @@ def _staged(c: Compilation, tc) -> dict:
     spec, ft = c.profile.quant, c.profile.finetune
     records, previous = [], None
     for name, (w, a) in zip(ft.stages, ft.stage_bits()):
-        model, _ = calibrated_qmodel(c, spec.model_copy(update={"weight_bit_width": w, "act_bit_width": a}),
-                                     previous)
+        # every stage keeps or folds BN as the target does: the weights carried over must mean the same thing
+        stage = spec.model_copy(update={"weight_bit_width": w, "act_bit_width": a, "bn": spec.resolved_bn()})
+        model, _ = calibrated_qmodel(c, stage, previous)
         start = accuracy(model, c.data.test)
         train(model, c.data.train, replace(tc, epochs=ft.stage_epochs), description=f"QAT stage {name}",
               teacher=c.float_model, validation=c.data.val)

@@ -30,6 +30,7 @@ class _Strict(BaseModel):
 
 LOW_BIT_EDGE_LAYER_BITS = 8  # first conv and classifier below 4-bit weights (QuantSpec.edge_layer_bits)
 MSE_MAX_BITS = 4              # scale_init "auto" chooses MSE-initialised scales at or below these bits
+KEEP_BN_BELOW_BITS = 4        # bn "auto" keeps BN unfolded below these weight bits
 
 
 class QuantSpec(_Strict):
@@ -39,8 +40,11 @@ class QuantSpec(_Strict):
     (the classifier); None: 8 when ``weight_bit_width`` < 4 and the network has ≥ 3 compute layers (as FINN's and
     Brevitas' 2-bit examples keep them:
     measured on fashion-dscnn-adam W2A2 63.0 → 71.4 %, docs/workflow.md), else ``weight_bit_width``.
-    ``bn``: "fold" BN into the conv before fine-tuning (the paper's order, default) or "keep" it float during
-    fine-tuning (quantized weights are then the unfolded ones). ``bn_reestimate``: with "keep", re-estimate the BN
+    ``bn``: "fold" BN into the conv before fine-tuning (the paper's order), "keep" it float during fine-tuning
+    (quantized weights are then the unfolded ones; FINN absorbs BN into its thresholds afterwards) or "auto"
+    (default): "keep" when weights have fewer than 4 bits, else "fold" — below 4 bits keeping BN measured best
+    (fashion-dscnn, 1-epoch QAT, 3 seeds: W3A3 89.72 → 90.38 %, W2A2 68.41 → 84.92 % with PfQ), at 4 bits and
+    above it changed nothing beyond the seed noise (W4A4 91.19 vs 91.28 %; docs/benchmarks.md). ``bn_reestimate``: with "keep", re-estimate the BN
     running mean/var on the calibration images after the quantizers are inserted (the statistics the float
     network gathered no longer describe the quantized convs' outputs; fashion-dscnn W3A3, no PfQ, PTQ on 2,000 test
     images: 85.3 → 90.4 %); ignored with "fold".
@@ -62,7 +66,7 @@ class QuantSpec(_Strict):
     weight_granularity: Literal["per-tensor", "per-channel"] = "per-tensor"
     first_layer_weight_bit_width: int | None = Field(None, ge=2, le=8)
     last_layer_weight_bit_width: int | None = Field(None, ge=2, le=8)
-    bn: Literal["fold", "keep"] = "fold"
+    bn: Literal["auto", "fold", "keep"] = "auto"
     bn_reestimate: bool = True
     equalize: bool = False
     bias_correction: bool = False
@@ -74,6 +78,12 @@ class QuantSpec(_Strict):
         if self.scale_init != "auto":
             return self.scale_init
         return "mse" if min(self.weight_bit_width, self.act_bit_width) <= MSE_MAX_BITS else "stats"
+
+    def resolved_bn(self) -> str:
+        """"fold" or "keep": ``bn`` with "auto" decided by the weight bit width (see the class docstring)."""
+        if self.bn != "auto":
+            return self.bn
+        return "keep" if self.weight_bit_width < KEEP_BN_BELOW_BITS else "fold"
 
     def edge_layer_bits(self, compute_layers: int) -> tuple[int, int]:
         """Weight bit widths of the first conv and the last compute layer (see the class docstring) of a network

@@ -15,7 +15,7 @@ def _quant_layers(qm):
 
 def test_bn_is_folded_and_bit_widths_follow_the_spec(images):
     model = randomize_bn(tiny_dscnn())
-    qm = quantize_model(model, QuantSpec(weight_bit_width=3, act_bit_width=5))
+    qm = quantize_model(model, QuantSpec(weight_bit_width=3, act_bit_width=5, bn="fold"))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in qm.modules())
     bits = [int(m.quant_weight().bit_width) for m in _quant_layers(qm)]
     assert set(bits[1:-1]) == {3} and bits[0] == bits[-1] == 8  # below 4 bits the first conv and classifier stay 8-bit

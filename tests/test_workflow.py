@@ -177,7 +177,7 @@ def test_transfer_weights_carries_weights_and_bn_not_scales(train_split):
     w2 = quantize_model(model, QuantSpec(weight_bit_width=2, act_bit_width=2, bn="keep"))
     with pytest.raises(ModelError, match="between stages"):  # BN kept here, folded there: other layers
         transfer_weights(w4, w2)
-    w2 = quantize_model(model, QuantSpec(weight_bit_width=2, act_bit_width=2))
+    w2 = quantize_model(model, QuantSpec(weight_bit_width=2, act_bit_width=2, bn="fold"))
     copied = transfer_weights(w4, w2)
     layers = [n for n, m in w2.named_modules() if getattr(m, "weight_quant", None) is not None]
     assert copied == 2 * len(layers)  # every conv/linear weight and bias (BN folded: no BN left)
@@ -194,7 +194,7 @@ def test_transfer_weights_into_a_residual_model_keeps_its_adds_working(test_spli
     model, images = load_model("fashion-resnet").module, test_split.images[:64]
     w4 = quantize_model(model, QuantSpec(weight_bit_width=4, act_bit_width=4))
     calibrate(w4, images)
-    w3 = quantize_model(model, QuantSpec(weight_bit_width=3, act_bit_width=3))
+    w3 = quantize_model(model, QuantSpec(weight_bit_width=3, act_bit_width=3, bn="fold"))
     transfer_weights(w4, w3)
     calibrate(w3, images)
     assert accuracy(w3, Split(images, test_split.labels[:64])) > 0.05  # it runs through every add
@@ -207,7 +207,7 @@ def test_staged_finetuning_trains_at_each_stage_then_rebuilds_the_target(train_s
     from pfq_edge.steps import finetune, quantize
 
     model = load_model("fashion-dscnn-adam").module  # no constant filters: W4A4 PTQ ~83 %, W2A2 ~15 %
-    overrides = {"quant": {"weight_bit_width": 2, "act_bit_width": 2}, "pfq": {"rule": "off"},
+    overrides = {"quant": {"weight_bit_width": 2, "act_bit_width": 2, "bn": "fold"}, "pfq": {"rule": "off"},
                  "finetune": {"epochs": 1, "train_samples": 512, "stages": ["W4A4"], "stage_epochs": 1}}
     c = compilation(model, overrides=overrides, test=test_split.subset(500), train=train_split.subset(2048))
     c.pruned_model = model
@@ -224,6 +224,29 @@ def test_staged_finetuning_trains_at_each_stage_then_rebuilds_the_target(train_s
     report = result.report()
     assert report["staged"]["stages"] == result.staged["stages"] and report["stages"] == ["W4A4"]
     assert "QAT in stages W4A4 (1 epoch each), then QAT 1 epoch" in method(c)
+
+
+def test_bn_auto_keeps_bn_below_4_bits_and_stages_keep_it_as_the_target_does(train_split, test_split):
+    """bn "auto" (the profiles' default): BN kept unfolded below 4-bit weights (measured best there), folded at 4
+    bits and above; a W4A4 stage before a W2A2 target keeps BN too, or its weights could not carry over."""
+    from pfq_edge.report import method
+    from pfq_edge.steps import finetune, quantize
+
+    assert QuantSpec().resolved_bn() == "fold" and QuantSpec(weight_bit_width=8).resolved_bn() == "fold"
+    assert QuantSpec(weight_bit_width=3).resolved_bn() == "keep"
+    assert QuantSpec(weight_bit_width=2, bn="fold").resolved_bn() == "fold"
+    assert load_profile("fpga").quant.bn == "auto"
+    model = load_model("fashion-dscnn-adam").module
+    overrides = {"quant": {"weight_bit_width": 2, "act_bit_width": 2}, "pfq": {"rule": "off"},
+                 "finetune": {"epochs": 1, "train_samples": 256, "stages": ["W4A4"], "stage_epochs": 1}}
+    c = compilation(model, overrides=overrides, test=test_split.subset(200), train=train_split.subset(1024))
+    c.pruned_model = model
+    c.results["quantize"] = quantize(c)
+    result = finetune(c)  # the W4A4 stage's kept BN carries over into the W2A2 model
+    c.results["finetune"] = result
+    bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert bns and sum(isinstance(m, nn.BatchNorm2d) for m in c.qmodel.modules()) == bns
+    assert result.staged["stages"][0]["bits"] == "W4A4" and "BN kept (re-estimated)" in method(c)
 
 
 def test_stages_are_validated():

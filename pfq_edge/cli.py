@@ -366,8 +366,8 @@ def _multiple_for(target: str, bits: Optional[int], given: Optional[int]) -> int
 
 @app.command("analyze")
 def analyze_cmd(
-    model: str = typer.Argument(..., help="Zoo name (e.g. efficientnet-lite0), package.module:factory, or a pruned "
-                                          ".safetensors file."),
+    model: str = typer.Argument(..., help="Zoo name (e.g. efficientnet-lite0), package.module:factory, a pruned "
+                                          ".safetensors file or a torch.export archive (.pt2)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for a module:factory model."),
     model_arg: Optional[list[str]] = _shared("model_arg"),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="C,H,W of one input image (default: "
@@ -443,7 +443,9 @@ def _removal_kind(plan, checked: bool = False) -> str:
     if adds:
         kept += f"; removed through {len(adds)} add{'s' if len(adds) > 1 else ''} (every member constant)"
     if plan.exact:
-        return f"removal: exact — the pruned model computes the same function{kept}"
+        # "exact" is judged from the BN statistics: a wrong running_var (0 with live weights) fools it, data does not
+        return (f"removal: exact — by its BN statistics the pruned model computes the same function{kept}"
+                + ("" if checked else "; prune --check N confirms it on images"))
     where = sorted({w for g in plan.groups for w in g.inexact})
     padding = f"constants meet zero padding in {', '.join(where[:3])}" if where else ""
     from pfq_edge.pfq import REPLACES
@@ -456,14 +458,19 @@ def _removal_kind(plan, checked: bool = False) -> str:
 def _print_analysis(model: str, a, plot: Optional[Path]) -> None:
     from rich.table import Table
 
-    table = Table(title=f"PfQ analysis: {model} (W{a.bits} per-tensor step)")
-    for col in ("layer", "kind", "ch", "const", "removed", "σ²≤ε kept", "max|W'| before→after",
-                "→0 before→after"):
+    table = Table(title=f"PfQ analysis: {model} (W{a.bits} per-tensor step)",
+                  caption="const: constant filters of the layer; removed: its filters removed (constant, or tied to "
+                          "a removed filter of the layer before or after it); neutral: constant filters kept with "
+                          "zeroed weights; →0: weights that round to 0 at the step")
+    for col in ("layer", "kind", "ch", "const", "removed", "neutral", "σ²≤ε kept", "max|W'| before→after",
+                "step before→after", "→0 before→after"):
         table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
     for r in a.layers:
         table.add_row(r["layer"], r["kind"], f"{r['channels_before']}→{r['channels_after']}",
-                      str(r["constant_filters"]), str(r["removed_filters"]), str(r["range_inflating_filters"]),
+                      str(r["constant_filters"]), str(r["removed_filters"]), str(r.get("neutralized_filters", 0)),
+                      str(r["range_inflating_filters"]),
                       f"{r['folded_max_abs_before']:.3g}→{r['folded_max_abs_after']:.3g}",
+                      f"{r['step_before']:.3g}→{r['step_after']:.3g}",
                       f"{r['zero_fraction_before']:.0%}→{r['zero_fraction_after']:.0%}")
     console = _console()
     console.print(table)
@@ -486,7 +493,8 @@ def _print_analysis(model: str, a, plot: Optional[Path]) -> None:
 
 @app.command("prune")
 def prune_cmd(
-    model: str = typer.Argument(..., help="Zoo name or package.module:factory."),
+    model: str = typer.Argument(..., help="Zoo name (e.g. efficientnet-lite0), package.module:factory, a pruned "
+                                          ".safetensors file or a torch.export archive (.pt2)."),
     out: Path = typer.Option(..., "--out", "-o", help="Pruned model file (.safetensors)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for a module:factory model."),
     model_arg: Optional[list[str]] = _shared("model_arg"),

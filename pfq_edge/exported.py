@@ -3,13 +3,16 @@
 see the same structure as in the eager model.
 
 An exported program holds aten calls (``aten.conv2d(x, weight, …)``), not modules; PfQ looks for conv → BN pairs and
-Brevitas replaces modules, so each weight-carrying call becomes the module with those weights. Other calls (add,
-flatten, mean, …) stay as they are.
+Brevitas replaces modules, so each weight-carrying call becomes the module with those weights. Adds, concats and
+means become the calls eager code traces to (``operator.add``, ``torch.cat``, ``Tensor.mean``): Brevitas requantizes
+the inputs of exactly those (an ``aten.add`` left as it is reached FINN unquantized, and its streamlining looped);
+other calls stay as they are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 import pickle
 from pathlib import Path
 
@@ -145,6 +148,12 @@ def rebuild(gm, name: str):
             env[node.name] = layer(node, nn.Flatten(*a[1:]), env[a[0].name])
         elif t is aten.adaptive_avg_pool2d.default:
             env[node.name] = layer(node, nn.AdaptiveAvgPool2d(a[1]), env[a[0].name])
+        elif t in (aten.add.Tensor, aten.add_.Tensor) and node.kwargs.get("alpha", 1) == 1 and len(a) == 2:
+            env[node.name] = graph.call_function(operator.add, arg(tuple(a)))  # as eager code's ``x + y`` traces
+        elif t is aten.cat.default:
+            env[node.name] = graph.call_function(torch.cat, arg(tuple(a)), arg(dict(node.kwargs)))
+        elif t is aten.mean.dim:
+            env[node.name] = graph.call_method("mean", arg(tuple(a)), arg(dict(node.kwargs)))
         elif node.op == "call_function":
             for x in node.all_input_nodes:
                 if x.op == "get_attr" and x.name not in env:

@@ -48,6 +48,30 @@ def _flatten_modules_to_functions(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+@contextlib.contextmanager
+def _residual_iteration_cap(gm: fx.GraphModule):
+    """Brevitas aligns the scales of every add's and concat's inputs one rewrite per pass, up to 9,999 passes of a
+    whole-graph recompile; where no alignment exists (an add of a concat's output and another tensor: the concat
+    wants its inputs shared, the add its own scale) that loop ran for hours. Real graphs need about one pass per
+    add/concat, so cap it there and say which node could not be aligned. Raises ModelError."""
+    from brevitas.graph import quantize_impl as qi
+
+    joins = [n.name for n in gm.graph.nodes if (n.op == "call_function" and n.target in qi.ADD_FNS + [torch.cat])
+             or (n.op == "call_method" and n.target in qi.ADD_METHODS)]
+    saved, qi.MAX_RESIDUAL_ITERS = qi.MAX_RESIDUAL_ITERS, 8 * len(joins) + 8
+    try:
+        yield
+    except RuntimeError as exc:
+        if "Residual handler" not in str(exc):
+            raise
+        raise ModelError(f"Brevitas cannot give the inputs of the model's adds and concats ({', '.join(joins[:4])}"
+                         f"{'…' if len(joins) > 4 else ''}) one quantization scale each; an add that takes a "
+                         f"concat's output is a known case: requantize the concat's output in the model, e.g. "
+                         f"through a ReLU or a conv, before the add") from None
+    finally:
+        qi.MAX_RESIDUAL_ITERS = saved
+
+
 def quantize_model(model: nn.Module, spec) -> nn.Module:
     """Return a Brevitas model of ``model`` (float, eval) with BN folded and ``spec``'s bit widths.
 
@@ -92,8 +116,9 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
     gm = preprocess_for_quantize(copy.deepcopy(model).eval(), trace_model=True, relu6_to_relu=False,
                                  equalize_iters=EQUALIZE_ITERS if spec.equalize else 0, merge_bn=spec.resolved_bn() == "fold")
     _flatten_modules_to_functions(gm)
-    qm = quantize(gm, quant_identity_map=identity_map, compute_layer_map=compute_map, quant_act_map=act_map,
-                  requantize_layer_handler_output=False)
+    with _residual_iteration_cap(gm):
+        qm = quantize(gm, quant_identity_map=identity_map, compute_layer_map=compute_map, quant_act_map=act_map,
+                      requantize_layer_handler_output=False)
     input_quants = [n for n in qm.graph.nodes if n.op == "call_module" and n.args
                     and getattr(n.args[0], "op", None) == "placeholder"
                     and isinstance(qm.get_submodule(n.target), qnn.QuantIdentity)]

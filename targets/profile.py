@@ -271,6 +271,14 @@ class Profile(_Strict):
             if w < target[0] or a < target[1] or (w, a) == target:
                 raise ValueError(f"finetune.stages: stage {name} must be above the target's "
                                  f"{wa_label(*target)} (more weight or activation bits, none fewer)")
+        bits = self.finetune.stage_bits()
+        for (name, (w, a)), (w0, a0) in zip(zip(self.finetune.stages[1:], bits[1:]), bits):
+            if w > w0 or a > a0 or (w, a) == (w0, a0):  # stages step down towards the target
+                raise ValueError(f"finetune.stages: stage {name} must have fewer bits than the stage before it "
+                                 f"({wa_label(w0, a0)}), none more")
+        if self.finetune.stages and self.finetune.epochs == 0:
+            raise ValueError("finetune.stages run before the target's fine-tuning, but finetune.epochs is 0 "
+                             "(no fine-tuning); give epochs ≥ 1, or no stages (--stages none)")
         return self
 
     def summary(self) -> dict:
@@ -288,8 +296,11 @@ class Profile(_Strict):
 
 
 def _errors(exc: ValidationError) -> str:
-    return "; ".join(f"key {'.'.join(str(p) for p in e['loc']) or '(profile)'!r}: {e['msg'].removeprefix('Value error, ')}"
-                     for e in exc.errors()[:3])
+    def one(e) -> str:  # a whole-profile check names its keys in the message itself
+        msg, key = e["msg"].removeprefix("Value error, "), ".".join(str(p) for p in e["loc"])
+        return f"key {key!r}: {msg}" if key else msg
+
+    return "; ".join(one(e) for e in exc.errors()[:3])
 
 
 def with_overrides(profile: Profile, overrides: dict[str, dict]) -> Profile:

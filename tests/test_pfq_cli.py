@@ -181,3 +181,15 @@ def test_prune_creates_the_output_folder_and_foreign_weights_get_a_short_line(tm
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 4 and len(lines) == 1 and len(lines[0]) < 300
     assert "missing (e.g." in lines[0] and "unexpected (e.g." in lines[0]
+
+
+@pytest.mark.parametrize("command", ["analyze", "prune"])
+def test_a_wrong_input_shape_is_one_line_naming_the_cause(command, tmp_path):
+    """User report: --input-shape with the wrong channel count printed torch.fx ShapeProp's traceback and a cut-off
+    node dump instead of the cause."""
+    out = ["--out", str(tmp_path / "p.safetensors")] if command == "prune" else []
+    proc = run(command, "fashion-dscnn", "--input-shape", "3,28,28", *out)
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert proc.returncode == 4 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "expected input[1, 3, 28, 28] to have 1 channels" in lines[0]
+    assert not (tmp_path / "p.safetensors").exists()

@@ -177,6 +177,78 @@ def test_torch_export_archive_is_a_model_input(exported_wide, images):
     assert proc.returncode == 0 and json.loads(proc.stdout)["filters_removed"] == 12
 
 
+def _cat_add_mean(add_the_concat: bool = False):
+    """Two branches concatenated, two convs of the concat added, a spatial mean: what a user's .pt2 holds as aten
+    calls. ``add_the_concat``: the add takes the concat's output itself, which Brevitas cannot align."""
+    import torch
+    from torch import nn
+
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+    class CatAddMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d, self.fc = block(1, 8), block(1, 8), block(16, 16), block(16, 16), \
+                nn.Linear(16, 10)
+
+        def forward(self, x):
+            y = torch.cat([self.a(x), self.b(x)], dim=1)
+            return self.fc((self.c(y) + (y if add_the_concat else self.d(y))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    return CatAddMean().eval()
+
+
+@pytest.mark.parametrize("name", ["fashion-resnet", "cat-add-mean"])
+def test_a_torch_export_archive_with_adds_and_concats_quantizes_like_the_eager_model(name, tmp_path, images):
+    """User report: a .pt2 ResNet hung in FINN's streamlining and a .pt2 concat was not mapped, while the same
+    eager models compiled: the archive's aten.add / aten.cat / aten.mean reached Brevitas, which requantizes only
+    operator.add / torch.cat inputs. The rebuilt model must quantize exactly like the eager one."""
+    import operator
+
+    import torch
+
+    from pfq_edge.quantize import calibrate, quantize_model
+    from pfq_edge.targets.profile import QuantSpec
+    from pfq_edge.zoo import load_model
+
+    eager = load_model(name).module if name != "cat-add-mean" else _cat_add_mean()
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(eager, (torch.zeros(1, 1, 28, 28),)), str(path))
+    rebuilt = load_model(str(path)).module
+    targets = {n.target for n in rebuilt.graph.nodes if n.op in ("call_function", "call_method")}
+    assert not any("aten" in str(t) for t in targets), targets
+    assert operator.add in targets and (name == "fashion-resnet" or {torch.cat, "mean"} <= targets)
+    q = quantize_model(rebuilt, QuantSpec())
+    for add in (n for n in q.graph.nodes if n.target is operator.add):  # both inputs requantized to one scale
+        assert all(x.op == "call_module" and type(q.get_submodule(x.target)).__module__.startswith("brevitas")
+                   for x in add.all_input_nodes), add.format_node()
+    if name == "fashion-resnet":  # its eager code calls torch.relu, which Brevitas leaves float: not the same graph
+        return
+    outputs = []
+    for m in (rebuilt, eager):
+        q = quantize_model(m, QuantSpec())
+        calibrate(q, images)
+        with torch.no_grad():
+            outputs.append(q(images))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_an_add_of_a_concat_output_is_refused_in_one_line_not_looped(tmp_path):
+    """Found with such a model: Brevitas' scale alignment of adds and concats has no solution when an add takes a
+    concat's output, and it retried up to 9,999 whole-graph passes (hours). pfq-edge caps the passes and names it."""
+    import torch
+
+    model = _cat_add_mean(add_the_concat=True)
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 1, 28, 28),)), str(path))
+    started = time.monotonic()
+    proc = run("compile", "--target", "cpu", "--model", str(path), "--epochs", "0", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 4 and one_line_error(proc) and "concat's output" in proc.stderr, proc.stderr[-2000:]
+    assert time.monotonic() - started < 300 and not (tmp_path / "o").exists()
+
+
 def test_torch_export_archive_with_code_in_a_pickle_is_refused(tmp_path):
     import zipfile
 

@@ -252,3 +252,13 @@ def test_bn_auto_keeps_bn_below_4_bits_and_stages_keep_it_as_the_target_does(tra
 def test_stages_are_validated():
     with pytest.raises(ProfileError, match="W4A4"):
         with_overrides(load_profile("fpga"), {"finetune": {"stages": ["W9A4"]}})
+    low = {"weight_bit_width": 2, "act_bit_width": 2}
+    for stages, why in ((["W6A6", "W8A8"], "fewer bits than the stage before it"),  # stages step down
+                        (["W4A4", "W4A4"], "fewer bits than the stage before it")):
+        with pytest.raises(ProfileError, match=why) as err:
+            with_overrides(load_profile("fpga"), {"quant": low, "finetune": {"stages": stages}})
+        assert "(profile)" not in str(err.value)
+    with pytest.raises(ProfileError, match="epochs is 0"):  # a stage would silently not run
+        with_overrides(load_profile("fpga"), {"quant": low, "finetune": {"stages": ["W4A4"], "epochs": 0}})
+    ok = with_overrides(load_profile("fpga"), {"quant": low, "finetune": {"stages": ["w8a8", "W4A4", "W3A2"]}})
+    assert ok.finetune.stage_bits() == [(8, 8), (4, 4), (3, 2)]

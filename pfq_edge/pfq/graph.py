@@ -6,6 +6,8 @@ traced model, so mutating a module through the graph mutates the user's model ob
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections import Counter
 from dataclasses import dataclass
 
@@ -57,11 +59,11 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     except Exception as exc:
         msg = one_line(exc, 200)
         raise ModelError(f"cannot trace {type(model).__name__} with torch.fx: {msg}") from None
-    try:
-        with torch.no_grad():
+    try:  # ShapeProp prints the traceback of a failing node itself and re-raises it wrapped: keep both quiet
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(example)
     except Exception as exc:
-        msg = one_line(exc, 200)
+        msg = one_line(exc.__cause__ or exc.__context__ or exc, 200)
         raise ModelError(f"model fails on an input of shape {tuple(example.shape)}: {msg}") from None
     return gm
 

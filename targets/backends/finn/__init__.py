@@ -282,16 +282,19 @@ class FinnBackend(Backend):
         return {"qonnx_bytes": export.bytes, "latency_us": e["latency_us"], "throughput_fps": e["throughput_fps"],
                 **{r: e["totals"][r] for r in ("LUT", "BRAM_18K", "URAM", "DSP")},
                 "fit": v["fit"]["verdict"], "latency_verdict": v["latency"]["verdict"],
+                "latency_budget_ms": v["latency"]["budget_ms"],
                 "vs_unpruned": _vs_unpruned(getattr(est, "unpruned", None))}
 
     def summary_rows(self, s: dict) -> list[list]:
         rows = [["biases (float, not in the weight bits)", f"{s['bias_params']:,} parameters"],
                 ["QONNX file (weights stored as float32)", f"{s['qonnx_bytes']:,} bytes"]] if "qonnx_bytes" in s else []
         if "latency_us" in s:
+            budget = s.get("latency_verdict", "—") + (f" ({s['latency_budget_ms']} ms)" if "latency_budget_ms" in s
+                                                      else "")  # reports written before it was recorded lack it
             rows += [["FINN latency", f"{s['latency_us']:.1f} µs"],
                      ["FINN throughput", f"{s['throughput_fps']:.0f} fps"],
                      ["LUT / BRAM_18K / DSP", f"{s['LUT']:.0f} / {s['BRAM_18K']:.0f} / {s['DSP']:.0f}"],
-                     ["fit", s.get("fit", "—")], ["latency budget", s.get("latency_verdict", "—")]]
+                     ["fit", s.get("fit", "—")], ["latency budget", budget]]
             if s.get("vs_unpruned"):
                 rows.append(["PfQ's design vs unpruned", s["vs_unpruned"]])
         return rows
@@ -305,7 +308,8 @@ class FinnBackend(Backend):
         if s.get("fit") == "estimate incomplete":
             return "FINN estimated a compute layer at 0 resources: no fit verdict (report.md, 'FPGA estimate')"
         if s.get("latency_verdict") == "misses":
-            return f"FINN latency {s['latency_us'] / 1000:.3f} ms exceeds the profile's latency budget"
+            return (f"FINN latency {s['latency_us'] / 1000:.3f} ms exceeds the latency budget of "
+                    f"{s.get('latency_budget_ms', '?')} ms")
         return None
 
     def markdown(self, doc: dict) -> list[str]:

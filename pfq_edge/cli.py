@@ -386,6 +386,10 @@ def analyze_cmd(
                                                         "counts that are multiples of gcd(count, N); the constant "
                                                         "filters that would break it are neutralized instead "
                                                         "(default: what compile --target uses; fpga: 8 at W4)."),
+    at_padding: str = typer.Option("neutralize", "--at-padding", help="A constant filter whose constant meets "
+                                   "zero padding (a padded conv reads it at the borders): neutralize it (exact; "
+                                   "what compile does) | remove it too (border outputs change: prune --check "
+                                   "measures it)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of folded-weight range per layer."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ) -> None:
@@ -401,7 +405,8 @@ def analyze_cmd(
     shape = _input_shape(loaded, input_shape)
     _, analysis = analyze_pfq(loaded.module, torch.zeros(1, *shape), bits=_bits_for(target, bits), tol=tol,
                               rule=rule, act_bits=_act_bits_for(target, act_bits),
-                              channel_multiple=_multiple_for(target, bits, channel_multiple))
+                              channel_multiple=_multiple_for(target, bits, channel_multiple),
+                              padded=_at_padding(at_padding))
     if plot is not None:
         from pfq_edge.plots import plot_folded_ranges
 
@@ -427,6 +432,14 @@ def _stage_list(text: str | None) -> list[str] | None:
     if "" in names:
         raise ProfileError(f"--stages {text!r} has an empty entry; give bit-width pairs such as W4A4, or none")
     return names
+
+
+def _at_padding(value: str) -> str:
+    from pfq_edge.pfq.plan import PADDED
+
+    if value not in PADDED:
+        raise PfqError(f"--at-padding {value!r}: expected one of {', '.join(PADDED)}")
+    return value
 
 
 def _removal_kind(plan, checked: bool = False) -> str:
@@ -513,6 +526,10 @@ def prune_cmd(
                                               "that are multiples of gcd(count, N); the constant filters that "
                                               "would break it are neutralized instead (default 1: any target; "
                                               "compile --target fpga uses 8 at W4)."),
+    at_padding: str = typer.Option("neutralize", "--at-padding", help="A constant filter whose constant meets "
+                                   "zero padding (a padded conv reads it at the borders): neutralize it (exact; "
+                                   "what compile does) | remove it too (border outputs change: prune --check "
+                                   "measures it)."),
     check: int = typer.Option(0, "--check", min=0, help="Compare pruned vs original logits on this many test "
                                                          "images of --data."),
     data: Optional[str] = _shared("data"),
@@ -543,12 +560,15 @@ def prune_cmd(
     dataset = _check_data(loaded, spec, model) if check else None
     shape = tuple(dataset.shape) if dataset is not None else _input_shape(loaded, input_shape)
     pruned, analysis = analyze_pfq(loaded.module, torch.zeros(1, *shape), tol=tol, rule=rule,
-                                   act_bits=_act_bits_for("fpga", act_bits), channel_multiple=channel_multiple)
+                                   act_bits=_act_bits_for("fpga", act_bits), channel_multiple=channel_multiple,
+                                   padded=_at_padding(at_padding))
     result = {"model": model, "out": str(out), "rule": rule, "filters_removed": analysis.plan.filters_removed,
               "constant_total": analysis.constant_total, "constant_left": analysis.constant_left,
               "exact": analysis.plan.exact, "warnings": analysis.plan.warnings}
     if check:
-        result["check"] = _compare_on_images(loaded, pruned, check, dataset, rule)
+        # a removal at zero padding (--at-padding remove) is an approximation under any rule: judged like one
+        judged = rule if analysis.plan.exact or rule != "exact" else "at-padding removal"
+        result["check"] = _compare_on_images(loaded, pruned, check, dataset, judged)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)  # as compile -o does; only after every check passed
         save_pruned(pruned, analysis.plan, model, out, source_weights=loaded.weights,

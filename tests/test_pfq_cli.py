@@ -49,6 +49,12 @@ def test_analyze_json_and_plot(planted_weights, tmp_path):
     assert rows["18"]["channels_after"] == 128 and rows["18"]["neutralized_filters"] == 2
     left = {x["layer"]: x for x in doc["constant_left"]}
     assert left["18"]["filters"] == 2 and "zero padding in the zero-padded depthwise conv '21'" in left["18"]["reason"]
+    # --at-padding remove (shared case 1): layer 18's two go as well, with the depthwise filters behind them, and
+    # the removal is no longer exact (borders change); prune --check measures by how much
+    removing = json.loads(run("analyze", "pfq_edge.zoo:fashion_dscnn", "--weights", str(planted_weights),
+                              "--channel-multiple", "1", "--at-padding", "remove", "--json").stdout)
+    assert removing["constant_removed"] == 6 and not removing["exact"] and not removing["neutralized"]
+    assert {r["layer"]: r["channels_after"] for r in removing["layers"]}["21"] == 126
     text = run("analyze", "pfq_edge.zoo:fashion_dscnn", "--weights", str(planted_weights), "--channel-multiple", "1")
     assert "removal: exact" in text.stdout and "2 neutralized" in text.stdout and "2 at zero padding" in text.stdout
     # by default analyze plans what `compile --target fpga` does: 128 − 4 is no multiple of 8, so those 4 stay too

@@ -35,20 +35,22 @@ class PfqAnalysis:
         return {"bits": self.bits, "rule": self.plan.rule, "tol": self.plan.tol,
                 "channel_multiple": self.plan.channel_multiple, "constant_total": self.constant_total,
                 "constant_removed": self.constant_removed, "constant_left": self.constant_left,
-                "filters_removed": self.plan.filters_removed, "layers": self.layers, **{
+                "filters_removed": self.plan.filters_removed, "exact": self.plan.exact, "layers": self.layers, **{
                     k: v for k, v in self.plan.as_dict().items()
                     if k in ("groups", "neutralized", "skipped", "warnings")}}
 
 
 def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: float = DEFAULT_TOL,
-                rule: str = "exact", act_bits: int | None = None, channel_multiple: int = 1):
+                rule: str = "exact", act_bits: int | None = None, channel_multiple: int = 1, padded: str = "neutralize"):
     """Plan PfQ on ``model`` and apply it to a copy; returns (pruned copy, PfqAnalysis). ``model`` is untouched.
 
     example: one input (1, C, H, W) for tracing and shapes. bits: weight bit width for the per-tensor step and the
     share of weights that round to zero, before and after. rule: "exact", "bn-epsilon" or "near-constant"
     (``constant_mask``; near-constant needs ``act_bits``, the activation bit width). channel_multiple > 1: layers
     that lose filters keep counts that are multiples of gcd(count, channel_multiple) (hardware-aware PfQ).
-    Raises ModelError if the model cannot be traced.
+    padded: "neutralize" (default: exact) or "remove" a constant filter whose constant meets zero padding
+    (``plan_pfq``; removal then differs from the original at the borders). Raises ModelError if the model cannot be
+    traced.
     Method: arXiv:2011.06751 as read in shared/design.md §2–3.
     """
     import copy
@@ -56,7 +58,7 @@ def analyze_pfq(model: nn.Module, example: torch.Tensor, bits: int = 4, tol: flo
 
     pruned = copy.deepcopy(model).eval()
     gm = trace(pruned, example)
-    plan = plan_pfq(gm, tol, rule, act_bits=act_bits, channel_multiple=channel_multiple)
+    plan = plan_pfq(gm, tol, rule, padded=padded, act_bits=act_bits, channel_multiple=channel_multiple)
     removed = plan.removed_by_layer()
     skipped = {sk.layer: sk.reason for sk in plan.skipped}
     neutralized: dict[str, set[int]] = {}

@@ -145,7 +145,8 @@ def compile_cmd(
                                                        "4-bit weights, else --weight-bits)."),
     granularity: Optional[str] = typer.Option(None, "--granularity", help="Weight scales: per-tensor | "
                                                                            "per-channel (profile)."),
-    bn: Optional[str] = typer.Option(None, "--bn", help="auto (default: keep below 4-bit weights, else fold) | fold BN before fine-tuning | keep it float."),
+    bn: Optional[str] = typer.Option(None, "--bn", help="auto (profile: keep below 4-bit weights, else fold) | fold "
+                                                        "BN before fine-tuning | keep it float."),
     bn_reestimate: Optional[bool] = typer.Option(None, "--bn-reestimate/--no-bn-reestimate", show_default=False,
                                                  help="With --bn keep: re-estimate BN statistics after quantizer "
                                                       "insertion (profile; on)."),

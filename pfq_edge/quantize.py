@@ -53,7 +53,7 @@ def _residual_iteration_cap(gm: fx.GraphModule):
     """Brevitas aligns the scales of every add's and concat's inputs one rewrite per pass, up to 9,999 passes of a
     whole-graph recompile; where no alignment exists (an add of a concat's output and another tensor: the concat
     wants its inputs shared, the add its own scale) that loop ran for hours. Real graphs need about one pass per
-    add/concat, so cap it there and say which node could not be aligned. Raises ModelError."""
+    add/concat, so cap it there and name the adds and concats. Raises ModelError."""
     from brevitas.graph import quantize_impl as qi
 
     joins = [n.name for n in gm.graph.nodes if (n.op == "call_function" and n.target in qi.ADD_FNS + [torch.cat])
@@ -73,10 +73,11 @@ def _residual_iteration_cap(gm: fx.GraphModule):
 
 
 def quantize_model(model: nn.Module, spec) -> nn.Module:
-    """Return a Brevitas model of ``model`` (float, eval) with BN folded and ``spec``'s bit widths.
+    """Return a Brevitas model of ``model`` (float, eval) with BN folded (or kept) and ``spec``'s bit widths.
 
     spec: QuantSpec (weight/act/input bit widths 2–8, first/last layer weight bit widths, "per-tensor" |
-    "per-channel" weight scales, BN "fold" | "keep", cross-layer equalization on/off, bias "float" | "int32").
+    "per-channel" weight scales, BN "fold" | "keep" | "auto" (keep below 4-bit weights), cross-layer equalization
+    on/off, bias "float" | "int32").
     The result takes (N, C, H, W) float32 in [0, 1] and returns float logits. Raises ModelError if the model cannot
     be traced or holds a BatchNorm shared by two convs (it cannot be folded into both).
     """
@@ -114,7 +115,8 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
 
     # Brevitas traces with its own tracer (its BN-merge patterns rely on it); work on a copy: folding is in place.
     gm = preprocess_for_quantize(copy.deepcopy(model).eval(), trace_model=True, relu6_to_relu=False,
-                                 equalize_iters=EQUALIZE_ITERS if spec.equalize else 0, merge_bn=spec.resolved_bn() == "fold")
+                                 equalize_iters=EQUALIZE_ITERS if spec.equalize else 0,
+                                 merge_bn=spec.resolved_bn() == "fold")
     _flatten_modules_to_functions(gm)
     with _residual_iteration_cap(gm):
         qm = quantize(gm, quant_identity_map=identity_map, compute_layer_map=compute_map, quant_act_map=act_map,

@@ -473,9 +473,11 @@ def _print_analysis(model: str, a, plot: Optional[Path]) -> None:
     from rich.table import Table
 
     table = Table(title=f"PfQ analysis: {model} (W{a.bits} per-tensor step)",
-                  caption="const: constant filters of the layer; removed: its filters removed (constant, or tied to "
-                          "a removed filter of the layer before or after it); neutral: constant filters kept with "
-                          "zeroed weights; →0: weights that round to 0 at the step")
+                  caption="ch: filters before→after PfQ; const: constant filters of the layer; removed: its "
+                          "filters removed (constant, or tied to a removed filter of the layer before or after it); "
+                          "neutral: constant filters kept with zeroed weights; σ²≤ε kept: running_var ≤ BN ε but "
+                          "not constant (informative, kept); max|W'|: largest |folded weight|; step: per-tensor "
+                          "quantization step max|W'| / (2^(bits−1) − 1); →0: weights that round to 0 at that step")
     for col in ("layer", "kind", "ch", "const", "removed", "neutral", "σ²≤ε kept", "max|W'| before→after",
                 "step before→after", "→0 before→after"):
         table.add_column(col, justify="left" if col in ("layer", "kind") else "right")

@@ -66,7 +66,8 @@ def method(c) -> str:
              f"each), then " if ft.stages and ft.epochs else ""
     tune = "no fine-tuning (PTQ)" if ft.epochs == 0 else (
         f"{staged}QAT {ft.epochs} epoch{'s' if ft.epochs > 1 else ''}" + (f", distillation α {ft.distill_alpha:g}" if ft.distill_alpha else ""))
-    bn = ", BN kept" + (" (re-estimated)" if q.bn_reestimate else "") if q.resolved_bn() == "keep" else ""
+    bn = ", BN kept" + (" (re-estimated)" if q.bn_reestimate else "") if q.resolved_bn() == "keep" else \
+        ", BN folded"
     return (f"{pfq} → {q.resolved_scale_init()}-initialised learned scales{edge}{bn}{' + CLE' if q.equalize else ''}"
             f" → {tune}")
 

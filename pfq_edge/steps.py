@@ -558,6 +558,9 @@ def manifest_info(c: Compilation, backend, doc: dict) -> dict:
 
 
 def _slug(text: str) -> str:
+    """A file-name part for the model: a model file (.pt2, a pruned .safetensors) by its stem, not its whole path."""
+    if text.endswith((".pt2", ".safetensors")):
+        text = Path(text).stem
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text)
 
 

@@ -274,8 +274,8 @@ class Profile(_Strict):
         bits = self.finetune.stage_bits()
         for (name, (w, a)), (w0, a0) in zip(zip(self.finetune.stages[1:], bits[1:]), bits):
             if w > w0 or a > a0 or (w, a) == (w0, a0):  # stages step down towards the target
-                raise ValueError(f"finetune.stages: stage {name} must have fewer bits than the stage before it "
-                                 f"({wa_label(w0, a0)}), none more")
+                raise ValueError(f"finetune.stages: stage {name} must step down from the stage before it "
+                                 f"({wa_label(w0, a0)}): fewer weight or activation bits, none more")
         if self.finetune.stages and self.finetune.epochs == 0:
             raise ValueError("finetune.stages run before the target's fine-tuning, but finetune.epochs is 0 "
                              "(no fine-tuning); give epochs ≥ 1, or no stages (--stages none)")

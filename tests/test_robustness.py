@@ -319,3 +319,11 @@ def test_ctrl_c_swallowed_by_a_tool_still_interrupts_the_compile(then, monkeypat
     with pytest.raises(KeyboardInterrupt):
         run_steps(c, [Step("tool", stage_tool), Step("next", stage_next)])
     assert ran == [] and "tool" not in c.results
+
+
+def test_a_model_file_names_the_package_by_its_stem():
+    """User report: a .pt2 model gave pfq-edge--tmp-mine-resnet_dead.pt2-fpga-pynq-z1.tar.gz."""
+    from pfq_edge.steps import _slug
+
+    assert _slug("/tmp/mine/resnet_dead.pt2") == "resnet_dead" and _slug("out/pruned.safetensors") == "pruned"
+    assert _slug("fashion-dscnn") == "fashion-dscnn" and _slug("mymodels:resnet_tiny") == "mymodels-resnet_tiny"

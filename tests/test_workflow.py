@@ -253,8 +253,8 @@ def test_stages_are_validated():
     with pytest.raises(ProfileError, match="W4A4"):
         with_overrides(load_profile("fpga"), {"finetune": {"stages": ["W9A4"]}})
     low = {"weight_bit_width": 2, "act_bit_width": 2}
-    for stages, why in ((["W6A6", "W8A8"], "fewer bits than the stage before it"),  # stages step down
-                        (["W4A4", "W4A4"], "fewer bits than the stage before it")):
+    for stages, why in ((["W6A6", "W8A8"], "step down from the stage before it"),  # stages step down
+                        (["W4A4", "W4A4"], "step down from the stage before it")):
         with pytest.raises(ProfileError, match=why) as err:
             with_overrides(load_profile("fpga"), {"quant": low, "finetune": {"stages": stages}})
         assert "(profile)" not in str(err.value)

@@ -70,6 +70,10 @@ _SHARED_OPTIONS = {
     "std": ("--std", None, "Per-channel std of pixels in [0, 1], comma list (with --mean)."),
     "model_arg": ("--model-arg", None, "KEY=VALUE keyword argument for a module:factory model (Python literal; "
                                        "repeatable), e.g. num_classes=5."),
+    "at_padding": ("--at-padding", "neutralize", "A constant filter whose constant meets zero padding (a padded "
+                                                 "conv reads it at the borders): neutralize it (exact; what compile "
+                                                 "does) | remove it too (border outputs change: prune --check "
+                                                 "measures it)."),
 }
 
 
@@ -387,10 +391,7 @@ def analyze_cmd(
                                                         "counts that are multiples of gcd(count, N); the constant "
                                                         "filters that would break it are neutralized instead "
                                                         "(default: what compile --target uses; fpga: 8 at W4)."),
-    at_padding: str = typer.Option("neutralize", "--at-padding", help="A constant filter whose constant meets "
-                                   "zero padding (a padded conv reads it at the borders): neutralize it (exact; "
-                                   "what compile does) | remove it too (border outputs change: prune --check "
-                                   "measures it)."),
+    at_padding: str = _shared("at_padding"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of folded-weight range per layer."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ) -> None:
@@ -529,10 +530,7 @@ def prune_cmd(
                                               "that are multiples of gcd(count, N); the constant filters that "
                                               "would break it are neutralized instead (default 1: any target; "
                                               "compile --target fpga uses 8 at W4)."),
-    at_padding: str = typer.Option("neutralize", "--at-padding", help="A constant filter whose constant meets "
-                                   "zero padding (a padded conv reads it at the borders): neutralize it (exact; "
-                                   "what compile does) | remove it too (border outputs change: prune --check "
-                                   "measures it)."),
+    at_padding: str = _shared("at_padding"),
     check: int = typer.Option(0, "--check", min=0, help="Compare pruned vs original logits on this many test "
                                                          "images of --data."),
     data: Optional[str] = _shared("data"),

@@ -44,10 +44,10 @@ class QuantSpec(_Strict):
     (quantized weights are then the unfolded ones; FINN absorbs BN into its thresholds afterwards) or "auto"
     (default): "keep" when weights have fewer than 4 bits, else "fold" — below 4 bits keeping BN measured best
     (fashion-dscnn, 1-epoch QAT, 3 seeds: W3A3 89.72 → 90.38 %, W2A2 68.41 → 84.92 % with PfQ), at 4 bits and
-    above it changed nothing beyond the seed noise (W4A4 91.19 vs 91.28 %; docs/benchmarks.md). ``bn_reestimate``: with "keep", re-estimate the BN
-    running mean/var on the calibration images after the quantizers are inserted (the statistics the float
-    network gathered no longer describe the quantized convs' outputs; fashion-dscnn W3A3, no PfQ, PTQ on 2,000 test
-    images: 85.3 → 90.4 %); ignored with "fold".
+    above it changed nothing beyond the seed noise (W4A4 91.19 vs 91.28 %; docs/benchmarks.md).
+    ``bn_reestimate``: with BN kept, re-estimate the BN running mean/var on the calibration images after the
+    quantizers are inserted (the statistics the float network gathered no longer describe the quantized convs'
+    outputs; fashion-dscnn W3A3, no PfQ, PTQ on 2,000 test images: 85.3 → 90.4 %); ignored when BN is folded.
     ``equalize``: Brevitas cross-layer equalization before quantization; ``bias_correction``: Brevitas bias
     correction after calibration. ``bias``: "float" keeps biases float (FINN absorbs them into its thresholds) or
     "int32" quantizes them on the accumulator grid, input scale × weight scale (Brevitas ``Int32Bias``), as integer
@@ -266,13 +266,12 @@ class Profile(_Strict):
         reason = own.validate_profile(self)
         if reason:
             raise ValueError(reason)
-        target = (self.quant.weight_bit_width, self.quant.act_bit_width)
-        for name, (w, a) in zip(self.finetune.stages, self.finetune.stage_bits()):
+        target, bits = (self.quant.weight_bit_width, self.quant.act_bit_width), self.finetune.stage_bits()
+        for name, (w, a) in zip(self.finetune.stages, bits):
             if w < target[0] or a < target[1] or (w, a) == target:
                 raise ValueError(f"finetune.stages: stage {name} must be above the target's "
                                  f"{wa_label(*target)} (more weight or activation bits, none fewer)")
-        bits = self.finetune.stage_bits()
-        for (name, (w, a)), (w0, a0) in zip(zip(self.finetune.stages[1:], bits[1:]), bits):
+        for name, (w, a), (w0, a0) in zip(self.finetune.stages[1:], bits[1:], bits):
             if w > w0 or a > a0 or (w, a) == (w0, a0):  # stages step down towards the target
                 raise ValueError(f"finetune.stages: stage {name} must step down from the stage before it "
                                  f"({wa_label(w0, a0)}): fewer weight or activation bits, none more")
